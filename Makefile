@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 bench: $(STAMP)
-	$(PY) -m bench
+	$(PY) tests/bench/run.py
 
 clean:
 	rm -rf $(VENV) outputs multirun wandb

@@ -1,0 +1,67 @@
+"""The one conversation format shared by SFT and probing.
+
+A record becomes ``[user: instruction (+ "\\n\\n" + input), assistant: output]`` rendered with the
+tokenizer's chat template. The prompt (everything up to and including the generation prompt) and
+the response are tokenised separately and concatenated, so the two masks split the ids exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparcom.data import Record
+
+TOKEN_SCOPES = ("prompt", "response", "all")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One tokenised conversation.
+
+    Attributes:
+        input_ids: ``[L]`` token ids.
+        prompt_mask: ``[L]`` bool, True on prompt tokens (through the generation prompt).
+        response_mask: ``[L]`` bool, True on response tokens; ``prompt_mask ^ response_mask`` is all True.
+    """
+
+    input_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_mask: torch.Tensor
+
+    def scope_mask(self, token_scope: str) -> torch.Tensor:
+        """``[L]`` bool: the tokens a recording with this token scope counts."""
+        if token_scope == "prompt":
+            return self.prompt_mask
+        if token_scope == "response":
+            return self.response_mask
+        if token_scope == "all":
+            return self.prompt_mask | self.response_mask
+        raise ValueError(f"unknown token_scope {token_scope!r}; expected one of {list(TOKEN_SCOPES)}")
+
+
+def messages(record: Record) -> list[dict[str, str]]:
+    """The chat messages of a HexaInst-schema record."""
+    user = record["instruction"] if not record["input"] else f"{record['instruction']}\n\n{record['input']}"
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def encode(record: Record, tokenizer, max_length: int | None = None) -> Encoded:
+    """Tokenise a record with the tokenizer's chat template; truncates the response past ``max_length``."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"tokenizer {getattr(tokenizer, 'name_or_path', tokenizer)!r} has no chat template; "
+            "use an instruct/chat tokenizer or set tokenizer.chat_template"
+        )
+    conversation = messages(record)
+    prompt = tokenizer.apply_chat_template(conversation[:1], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(conversation, tokenize=False)
+    if not full.startswith(prompt):
+        raise ValueError("chat template renders the prompt differently inside the full conversation")
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + response_ids)[:max_length] if max_length else prompt_ids + response_ids
+    prompt_mask = torch.zeros(len(ids), dtype=torch.bool)
+    prompt_mask[: len(prompt_ids)] = True
+    return Encoded(torch.tensor(ids, dtype=torch.long), prompt_mask, ~prompt_mask)

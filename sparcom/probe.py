@@ -1,0 +1,162 @@
+"""``record``: run a model over instructions and return a Snapshot of its firing counts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparcom import __version__
+from sparcom.conversation import TOKEN_SCOPES, Encoded, encode
+from sparcom.data import CATEGORIES, Record
+from sparcom.recorder import Recorder, inference_mode
+from sparcom.sites import unwrap
+from sparcom.snapshot import Snapshot
+
+
+def length_bucketed(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Batches of indices, longest first, so rows in a batch have similar length and padding is small."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def record(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[Record],
+    token_scope: str = "prompt",
+    batch_size: int = 16,
+    per_instruction: bool = True,
+    max_length: int | None = None,
+    progress: bool = True,
+    step: int | None = None,
+) -> Snapshot:
+    """Count how often every FFN neuron, expert neuron and expert fires on each category's tokens.
+
+    Args:
+        model: a supported HF causal LM (optionally wrapped by PEFT/DeepSpeed); left in its mode.
+        tokenizer: its tokenizer, with a chat template.
+        records: HexaInst-schema dicts.
+        token_scope: "prompt", "response" or "all": which tokens are counted.
+        batch_size: rows per forward; batches are length-bucketed, so padding is small and never counted.
+        per_instruction: also keep counts per instruction (needed for overlap matrices).
+        step: training step stored in the snapshot's metadata.
+
+    Under torch.distributed every rank must call this with the same records: each rank runs
+    its share of batches (all ranks run the same number, as ZeRO-3 requires) and the counts are
+    summed across ranks, so every rank returns the counts one process would give over everything.
+    """
+    if token_scope not in TOKEN_SCOPES:
+        raise ValueError(f"unknown token_scope {token_scope!r}; expected one of {list(TOKEN_SCOPES)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if not records:
+        raise ValueError("no records to record")
+    unknown = sorted({r["category"] for r in records} - set(CATEGORIES))
+    if unknown:
+        raise ValueError(f"unknown categories {unknown}; expected {list(CATEGORIES)}")
+    categories = [c for c in CATEGORIES if any(r["category"] == c for r in records)]
+    rank, world = _rank_and_world()
+
+    encoded = [encode(r, tokenizer, max_length) for r in tqdm(records, desc="tokenize", disable=not progress or rank)]
+    category_of = torch.tensor([categories.index(r["category"]) for r in records])
+    group_of = torch.arange(len(records)) if per_instruction else category_of
+    batches = length_bucketed([len(e.input_ids) for e in encoded], batch_size)
+    mine = batches[rank::world]
+    # ZeRO-3 makes every forward collective: all ranks run ceil(n / world) batches, empty ones included.
+    mine += [[]] * (math.ceil(len(batches) / world) - len(mine))
+
+    hf_model = unwrap(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    recorder = Recorder(hf_model, num_groups=len(records) if per_instruction else len(categories))
+    with inference_mode(model), recorder:
+        for batch in tqdm(mine, desc=f"record ({token_scope})", unit="batch", disable=not progress or rank):
+            input_ids, attention, scope = _pad([encoded[i] for i in batch], token_scope, pad_id)
+            recorder.set_batch(scope, group_of[batch] if batch else torch.zeros(1, dtype=torch.long))
+            model(
+                input_ids=input_ids.to(recorder.device, non_blocking=True),
+                attention_mask=attention.to(recorder.device, non_blocking=True),
+                use_cache=False,
+            )
+    counts = recorder.counts
+    nonfinite = recorder.nonfinite
+    if world > 1:
+        for tensor in [*counts.values(), *nonfinite.values()]:
+            torch.distributed.all_reduce(tensor)
+    for site, bad in nonfinite.items():
+        if int(bad):
+            warnings.warn(f"{int(bad)} non-finite (NaN/inf) gate activations at {site}; NaN never counts as firing", stacklevel=2)
+
+    tokens = torch.tensor([int(e.scope_mask(token_scope).sum()) for e in encoded], dtype=torch.int64)
+    counts = {site: c.to("cpu", torch.int64) for site, c in counts.items()}
+    per_category = {site: _sum_rows(c, category_of, len(categories)) for site, c in counts.items()} if per_instruction else counts
+    sites = {site.name: site for site, _ in recorder.sites}
+    return Snapshot(
+        categories=categories,
+        category_tokens=_sum_rows(tokens, category_of, len(categories)),
+        category_counts=per_category,
+        site_kinds={name: site.kind for name, site in sites.items()},
+        site_layers={name: site.layer for name, site in sites.items()},
+        instruction_ids=[r["id"] for r in records] if per_instruction else [],
+        instruction_categories=[r["category"] for r in records] if per_instruction else [],
+        instruction_tokens=tokens if per_instruction else None,
+        instruction_counts=counts if per_instruction else None,
+        meta={
+            "model": getattr(hf_model, "name_or_path", "") or getattr(hf_model.config, "name_or_path", ""),
+            "model_type": hf_model.config.model_type,
+            "config_hash": config_hash(hf_model.config),
+            "dataset_hash": dataset_hash(records),
+            "token_scope": token_scope,
+            "step": step,
+            "sparcom_version": __version__,
+        },
+    )
+
+
+def _pad(rows: list[Encoded], token_scope: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``[B, L]`` input ids, attention mask and counted-token mask (an empty batch: one pad)."""
+    length = max((len(e.input_ids) for e in rows), default=1)
+    batch = max(len(rows), 1)
+    input_ids = torch.full((batch, length), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, length), dtype=torch.long)
+    scope = torch.zeros((batch, length), dtype=torch.bool)
+    for row, e in enumerate(rows):
+        n = len(e.input_ids)
+        input_ids[row, :n] = e.input_ids
+        attention[row, :n] = 1
+        scope[row, :n] = e.scope_mask(token_scope)
+    if not rows:
+        attention[0, 0] = 1
+    return input_ids, attention, scope
+
+
+def _sum_rows(values: torch.Tensor, rows_to: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.zeros((size, *values.shape[1:]), dtype=values.dtype)
+    return out.index_add_(0, rows_to, values)
+
+
+def config_hash(config) -> str:
+    """Hash of the architecture config, without fields that name files or versions."""
+    fields = {k: v for k, v in config.to_dict().items() if not k.startswith("_") and k not in _VOLATILE}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+_VOLATILE = {"name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "use_cache"}
+
+
+def dataset_hash(records: Sequence[Record]) -> str:
+    keys = ("id", "category", "instruction", "input", "output")
+    payload = json.dumps([[r[k] for k in keys] for r in records], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
