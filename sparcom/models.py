@@ -118,7 +118,9 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, seed: 
         model, tokenizer = build_tiny(name_or_path, seed=seed, **tiny_overrides)
         return (model.to(_dtype(dtype)) if dtype else model), tokenizer
     if tiny_overrides:
-        raise ValueError(f"config overrides {sorted(tiny_overrides)} apply to tiny presets only, not {name_or_path!r}")
+        raise ValueError(
+            f"config overrides {sorted(tiny_overrides)} apply to tiny presets only, not {name_or_path!r}"
+        )
     if name_or_path.startswith("tiny-") and not Path(name_or_path).exists():
         raise ValueError(f"unknown tiny preset {name_or_path!r}; expected one of {sorted(TINY_PRESETS)}")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)

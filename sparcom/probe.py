@@ -70,7 +70,9 @@ def record(
     categories = [c for c in CATEGORIES if any(r["category"] == c for r in records)]
     rank, world = _rank_and_world()
 
-    encoded = [encode(r, tokenizer, max_length) for r in tqdm(records, desc="tokenize", disable=not progress or rank)]
+    encoded = [
+        encode(r, tokenizer, max_length) for r in tqdm(records, desc="tokenize", disable=not progress or rank)
+    ]
     category_of = torch.tensor([categories.index(r["category"]) for r in records])
     group_of = torch.arange(len(records)) if per_instruction else category_of
     batches = length_bucketed([len(e.input_ids) for e in encoded], batch_size)
@@ -97,11 +99,18 @@ def record(
             torch.distributed.all_reduce(tensor)
     for site, bad in nonfinite.items():
         if int(bad):
-            warnings.warn(f"{int(bad)} non-finite (NaN/inf) gate activations at {site}; NaN never counts as firing", stacklevel=2)
+            warnings.warn(
+                f"{int(bad)} non-finite (NaN/inf) gate activations at {site}; NaN never counts as firing",
+                stacklevel=2,
+            )
 
     tokens = torch.tensor([int(e.scope_mask(token_scope).sum()) for e in encoded], dtype=torch.int64)
     counts = {site: c.to("cpu", torch.int64) for site, c in counts.items()}
-    per_category = {site: _sum_rows(c, category_of, len(categories)) for site, c in counts.items()} if per_instruction else counts
+    per_category = (
+        {site: _sum_rows(c, category_of, len(categories)) for site, c in counts.items()}
+        if per_instruction
+        else counts
+    )
     sites = {site.name: site for site, _ in recorder.sites}
     return Snapshot(
         categories=categories,
@@ -125,7 +134,9 @@ def record(
     )
 
 
-def _pad(rows: list[Encoded], token_scope: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _pad(
+    rows: list[Encoded], token_scope: str, pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``[B, L]`` input ids, attention mask and counted-token mask (an empty batch: one pad)."""
     length = max((len(e.input_ids) for e in rows), default=1)
     batch = max(len(rows), 1)

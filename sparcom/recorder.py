@@ -31,10 +31,13 @@ class Recorder:
         self.device = device
         self.num_groups = num_groups
         self.counts: dict[str, torch.Tensor] = {
-            site.name: torch.zeros((num_groups, *site.shape), dtype=torch.int32, device=device) for site, _ in self.sites
+            site.name: torch.zeros((num_groups, *site.shape), dtype=torch.int32, device=device)
+            for site, _ in self.sites
         }
         self.nonfinite: dict[str, torch.Tensor] = {
-            site.name: torch.zeros((), dtype=torch.int64, device=device) for site, _ in self.sites if site.kind != "router"
+            site.name: torch.zeros((), dtype=torch.int64, device=device)
+            for site, _ in self.sites
+            if site.kind != "router"
         }
         self._handles: list = []
         self._mask: torch.Tensor | None = None
@@ -58,7 +61,9 @@ class Recorder:
                 self._handles.append(module.register_forward_pre_hook(self._ffn_hook(site)))
             else:
                 names = {s.kind: s.name for s in by_module[id(module)]}
-                self._handles.append(module.register_forward_pre_hook(self._experts_hook(names), with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_pre_hook(self._experts_hook(names), with_kwargs=True)
+                )
         return self
 
     def __exit__(self, *exc) -> None:
@@ -109,7 +114,9 @@ class Recorder:
             fired = (gate > 0) & counted[:, None]
             group_of_pair = self._groups.repeat_interleave(length)[token_of_pair]
             flat = neuron_counts.view(self.num_groups * num_experts, -1)
-            flat.index_add_(0, group_of_pair * num_experts + expert_ids.clamp(max=num_experts - 1), fired.to(torch.int32))
+            flat.index_add_(
+                0, group_of_pair * num_experts + expert_ids.clamp(max=num_experts - 1), fired.to(torch.int32)
+            )
 
         return hook
 

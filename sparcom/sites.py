@@ -56,7 +56,16 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 # Activations with f(g) > 0 exactly when g > 0, so counting g > 0 counts A > 0.
-SIGN_PRESERVING = {"silu", "swish", "relu", "gelu", "gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python"}
+SIGN_PRESERVING = {
+    "silu",
+    "swish",
+    "relu",
+    "gelu",
+    "gelu_new",
+    "gelu_fast",
+    "gelu_pytorch_tanh",
+    "gelu_python",
+}
 
 SITE_KINDS = ("ffn", "experts", "router")
 
@@ -82,7 +91,9 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.get_base_model()
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config"):
+        elif (
+            hasattr(model, "module") and isinstance(model.module, nn.Module) and not hasattr(model, "config")
+        ):
             model = model.module
         else:
             return model
@@ -113,9 +124,13 @@ def layer_of(name: str) -> int:
 def gate_weight(experts: nn.Module) -> torch.Tensor:
     """``[num_experts, d_expert, hidden]``: the gate half of a fused experts module's input projection."""
     if not getattr(experts, "has_gate", True) or getattr(experts, "has_bias", False):
-        raise UnsupportedModelError(f"{type(experts).__name__}: only gated experts without bias are supported")
+        raise UnsupportedModelError(
+            f"{type(experts).__name__}: only gated experts without bias are supported"
+        )
     if type(experts)._apply_gate.__name__ != "_default_apply_gate":
-        raise UnsupportedModelError(f"{type(experts).__name__} applies a custom gate; counts would not be exact")
+        raise UnsupportedModelError(
+            f"{type(experts).__name__} applies a custom gate; counts would not be exact"
+        )
     weight = experts.gate_up_proj
     if getattr(experts, "is_transposed", False):
         weight = weight.transpose(1, 2)  # [E, 2 d, H]
@@ -142,8 +157,17 @@ def find_sites(model: nn.Module) -> list[tuple[Site, nn.Module]]:
         elif kind == architecture.moe_block:
             experts = getattr(module, architecture.experts)
             num_experts, d_expert = _experts_shape(experts)
-            found.append((Site(f"{name}.{architecture.experts}", "experts", layer_of(name), (num_experts, d_expert)), experts))
-            found.append((Site(f"{name}.{architecture.router}", "router", layer_of(name), (num_experts,)), experts))
+            found.append(
+                (
+                    Site(
+                        f"{name}.{architecture.experts}", "experts", layer_of(name), (num_experts, d_expert)
+                    ),
+                    experts,
+                )
+            )
+            found.append(
+                (Site(f"{name}.{architecture.router}", "router", layer_of(name), (num_experts,)), experts)
+            )
     if not found:
         raise UnsupportedModelError(f"no FFN or MoE sites found in {type(model).__name__}")
     return found

@@ -58,7 +58,8 @@ class Snapshot:
     def counts(self) -> dict[str, dict[str, torch.Tensor]]:
         """``counts[category][site]``: integer firing counts of that site's neurons or experts."""
         return {
-            c: {site: counts[row] for site, counts in self.category_counts.items()} for row, c in enumerate(self.categories)
+            c: {site: counts[row] for site, counts in self.category_counts.items()}
+            for row, c in enumerate(self.categories)
         }
 
     def sites(self, kind: str | None = None) -> list[str]:
@@ -73,7 +74,9 @@ class Snapshot:
     def instruction_frequency(self, index: int) -> dict[str, torch.Tensor]:
         """``p`` per site for one instruction (requires per-instruction statistics)."""
         if self.instruction_counts is None:
-            raise SnapshotError("this snapshot has no per-instruction statistics (recorded with per_instruction=False)")
+            raise SnapshotError(
+                "this snapshot has no per-instruction statistics (recorded with per_instruction=False)"
+            )
         total = max(int(self.instruction_tokens[index]), 1)
         return {site: counts[index].double() / total for site, counts in self.instruction_counts.items()}
 
@@ -92,7 +95,9 @@ class Snapshot:
             site_layers=dict(self.site_layers),
             instruction_ids=list(self.instruction_ids),
             instruction_categories=list(self.instruction_categories),
-            instruction_tokens=None if self.instruction_tokens is None else self.instruction_tokens + other.instruction_tokens,
+            instruction_tokens=None
+            if self.instruction_tokens is None
+            else self.instruction_tokens + other.instruction_tokens,
             instruction_counts=None
             if self.instruction_counts is None
             else {s: c + other.instruction_counts[s] for s, c in self.instruction_counts.items()},
@@ -114,7 +119,9 @@ class Snapshot:
             largest = int(self.instruction_tokens.max()) if len(self.instruction_tokens) else 0
             # No count can exceed its instruction's token count, so a narrow dtype is lossless.
             dtype = torch.int16 if largest <= torch.iinfo(torch.int16).max else torch.int32
-            tensors |= {f"instruction/{s}": c.to(dtype).contiguous() for s, c in self.instruction_counts.items()}
+            tensors |= {
+                f"instruction/{s}": c.to(dtype).contiguous() for s, c in self.instruction_counts.items()
+            }
         header = {
             "format": FORMAT,
             "categories": self.categories,
@@ -147,9 +154,13 @@ class Snapshot:
                 header = json.loads((handle.metadata() or {})["sparcom"])
             tensors = load_file(str(path))
         except (SafetensorError, KeyError, json.JSONDecodeError, OSError, RuntimeError) as err:
-            raise SnapshotError(f"cannot read snapshot {path}: truncated or not a sparcom snapshot ({err})") from err
+            raise SnapshotError(
+                f"cannot read snapshot {path}: truncated or not a sparcom snapshot ({err})"
+            ) from err
         if header.get("format") != FORMAT:
-            raise SnapshotError(f"{path}: unknown snapshot format {header.get('format')!r}; expected {FORMAT!r}")
+            raise SnapshotError(
+                f"{path}: unknown snapshot format {header.get('format')!r}; expected {FORMAT!r}"
+            )
         per_instruction = "instruction_tokens" in tensors
         return cls(
             categories=header["categories"],

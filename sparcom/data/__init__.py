@@ -43,6 +43,14 @@ def hexainst_path() -> Path:
     return Path(str(resources.files("sparcom.data") / "hexainst.jsonl"))
 
 
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Record]], list[DataError]]:
     """Read a JSONL file of records, keeping each record's line number.
 
@@ -58,21 +66,36 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Record]], list[DataErr
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
-            errors.append(DataError(str(path), number, f"not UTF-8 (byte {err.start}: {raw[err.start:err.start + 1]!r})"))
+            errors.append(
+                DataError(
+                    str(path), number, f"not UTF-8 (byte {err.start}: {raw[err.start : err.start + 1]!r})"
+                )
+            )
             continue
         try:
             record = json.loads(text)
         except json.JSONDecodeError as err:
             errors.append(DataError(str(path), number, f"malformed JSON: {err.msg} at column {err.colno}"))
             continue
+        except RecursionError:  # a line of thousands of nested brackets
+            errors.append(DataError(str(path), number, "malformed JSON: nested too deeply"))
+            continue
         if not isinstance(record, dict):
-            errors.append(DataError(str(path), number, f"expected a JSON object, got {type(record).__name__}"))
+            errors.append(
+                DataError(str(path), number, f"expected a JSON object, got {type(record).__name__}")
+            )
             continue
         problems = [f"missing field {name!r}" for name in FIELDS if name not in record]
         problems += [
             f"field {name!r} must be a string, got {type(record[name]).__name__}"
             for name in FIELDS + OPTIONAL_FIELDS
             if name in record and not isinstance(record[name], str)
+        ]
+        # A "\ud800" escape decodes to a lone surrogate, which no UTF-8 consumer (compile, print) accepts.
+        problems += [
+            f"field {name!r} has a lone surrogate escape (not encodable as UTF-8)"
+            for name in FIELDS + OPTIONAL_FIELDS
+            if isinstance(record.get(name), str) and not record[name].isascii() and _has_surrogate(record[name])
         ]
         if problems:
             errors.extend(DataError(str(path), number, p) for p in problems)
@@ -94,10 +117,16 @@ def load_records(path: str | Path | None = None, categories: tuple[str, ...] = C
     for number, record in numbered:
         if record["category"] not in CATEGORIES:
             errors.append(
-                DataError(str(path), number, f"unknown category {record['category']!r}; expected one of {list(CATEGORIES)}")
+                DataError(
+                    str(path),
+                    number,
+                    f"unknown category {record['category']!r}; expected one of {list(CATEGORIES)}",
+                )
             )
     present = {record["category"] for _, record in numbered}
-    errors += [DataError(str(path), None, f"category {c!r} has no records") for c in categories if c not in present]
+    errors += [
+        DataError(str(path), None, f"category {c!r} has no records") for c in categories if c not in present
+    ]
     if errors:
         raise DataFileError(errors)
     return [record for _, record in numbered if record["category"] in categories]

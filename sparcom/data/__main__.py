@@ -1,8 +1,8 @@
 """Command line for HexaInst files.
 
-    python -m sparcom.data validate FILE [--skip-code] [--json]
-    python -m sparcom.data build --out FILE [--per-category 200] [--seed 0]
-                                 [--dolly PATH|HUB] [--gsm8k PATH|HUB] [--mbpp PATH|HUB]
+python -m sparcom.data validate FILE [--skip-code] [--json]
+python -m sparcom.data build --out FILE [--per-category 200] [--seed 0]
+                             [--dolly PATH|HUB] [--gsm8k PATH|HUB] [--mbpp PATH|HUB]
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from sparcom.data.validate import format_report, summary_json, validate_file
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparcom.data", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("validate", help="check a HexaInst-schema JSONL file against every quality rule")
+    check = commands.add_parser(
+        "validate", help="check a HexaInst-schema JSONL file against every quality rule"
+    )
     check.add_argument("file", type=Path)
     check.add_argument("--skip-code", action="store_true", help="do not execute code outputs")
     check.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -29,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--per-category", type=int, default=200)
     make.add_argument("--seed", type=int, default=0)
     for name, source in SOURCES.items():
-        make.add_argument(f"--{name}", default=None, help=f"local file/folder or hub name (default {source.hub_name})")
+        make.add_argument(
+            f"--{name}", default=None, help=f"local file/folder or hub name (default {source.hub_name})"
+        )
     args = parser.parse_args(argv)
 
     if args.command == "validate":

@@ -47,8 +47,14 @@ def convert_dolly(row: dict) -> Iterator[tuple[str, Record]]:
     # a short answer is the label-like kind HexaInst's classification tasks have.
     if category == "classification" and len(row["response"].split()) > 10:
         return
-    yield category, {"instruction": row["instruction"].strip(), "input": row.get("context", "").strip(),
-                     "output": row["response"].strip()}
+    yield (
+        category,
+        {
+            "instruction": row["instruction"].strip(),
+            "input": row.get("context", "").strip(),
+            "output": row["response"].strip(),
+        },
+    )
 
 
 def convert_gsm8k(row: dict) -> Iterator[tuple[str, Record]]:
@@ -57,8 +63,10 @@ def convert_gsm8k(row: dict) -> Iterator[tuple[str, Record]]:
     body, _, final = row["answer"].rpartition("####")
     body = re.sub(r"<<[^>]*>>", "", body).strip()
     answer = final.strip().replace(",", "")
-    yield "math", {"instruction": row["question"].strip(), "input": "",
-                   "output": f"{body}\nFinal answer: {answer}"}
+    yield (
+        "math",
+        {"instruction": row["question"].strip(), "input": "", "output": f"{body}\nFinal answer: {answer}"},
+    )
 
 
 def convert_mbpp(row: dict) -> Iterator[tuple[str, Record]]:
@@ -75,8 +83,12 @@ SOURCES = {
     "mbpp": Source("google-research-datasets/mbpp", "full", "train", "CC BY 4.0", convert_mbpp),
 }
 SOURCE_OF_CATEGORY = {
-    "classification": "dolly", "general_qa": "dolly", "generation": "dolly", "summarization": "dolly",
-    "math": "gsm8k", "code": "mbpp",
+    "classification": "dolly",
+    "general_qa": "dolly",
+    "generation": "dolly",
+    "summarization": "dolly",
+    "math": "gsm8k",
+    "code": "mbpp",
 }
 
 
@@ -137,7 +149,11 @@ def build(locations: dict[str, str | None], per_category: int, seed: int = 0) ->
                 f"(of {len(pool)}), need {per_category}; lower --per-category"
             )
         chosen += [
-            {"id": f"{category}-{i:03d}", "category": category, **{k: r[k] for k in ("instruction", "input", "output", "origin", "license")}}
+            {
+                "id": f"{category}-{i:03d}",
+                "category": category,
+                **{k: r[k] for k in ("instruction", "input", "output", "origin", "license")},
+            }
             for i, r in enumerate(taken, start=1)
         ]
     return chosen

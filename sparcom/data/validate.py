@@ -29,7 +29,11 @@ def normalise(text: str) -> str:
 
 def word_bigrams(text: str) -> frozenset[tuple[str, str]]:
     words = normalise(text).split()
-    return frozenset(zip(words, words[1:], strict=False)) if len(words) > 1 else frozenset((w, "") for w in words)
+    return (
+        frozenset(zip(words, words[1:], strict=False))
+        if len(words) > 1
+        else frozenset((w, "") for w in words)
+    )
 
 
 def duplicate_problems(numbered: list[tuple[int, Record]]) -> list[tuple[int, str]]:
@@ -54,7 +58,10 @@ def duplicate_problems(numbered: list[tuple[int, Record]]) -> list[tuple[int, st
             union = len(grams) + len(shingles[other]) - common
             if union and common / union >= NEAR_DUPLICATE_JACCARD:
                 problems.append(
-                    (numbered[position][0], f"near-duplicate of line {numbered[other][0]} (Jaccard {common / union:.2f})")
+                    (
+                        numbered[position][0],
+                        f"near-duplicate of line {numbered[other][0]} (Jaccard {common / union:.2f})",
+                    )
                 )
         for gram in grams:
             index[gram].append(position)
@@ -68,7 +75,7 @@ def _evaluate(expression: str) -> float | None:
     """Value of a pure arithmetic expression, or None when it is not one."""
     try:
         tree = ast.parse(expression.strip(), mode="eval")
-    except SyntaxError:
+    except (SyntaxError, RecursionError):
         return None
 
     def value(node: ast.AST) -> float:
@@ -90,7 +97,7 @@ def _evaluate(expression: str) -> float | None:
 
     try:
         return value(tree.body)
-    except (ValueError, ZeroDivisionError):
+    except (ValueError, ZeroDivisionError, OverflowError, RecursionError):
         return None
 
 
@@ -119,7 +126,10 @@ def equations(text: str) -> list[tuple[str, float, float, int]]:
         start = match.start()
         while start > 0 and text[start - 1] in _EXPRESSION_CHARS:
             start -= 1
-        expression = _balanced(text[start : match.start()].lstrip("+-*/ "))
+        run = re.split(r"\.\s", text[start : match.start()])[-1]  # not the end of the sentence before
+        # Leading operators belong to prose or a variable ("x*3 = 6"); a '-' on a digit is a sign.
+        run = run.lstrip("+*/ ")
+        expression = _balanced(run if re.match(r"-[\d(]", run) else run.lstrip("+-*/ "))
         after = re.match(r"\s*(-?\d+(?:\.\d+)?)(?!\d)", text[match.end() :])
         if not after or not any(op in expression[1:] for op in "+-*/"):
             continue
@@ -229,7 +239,9 @@ def code_problems(record: Record) -> list[str]:
     except subprocess.TimeoutExpired:
         return [f"code output did not finish within {CODE_TIMEOUT_S:g}s"]
     if done.returncode != 0:
-        detail = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["doctest failed"])[-1]
+        detail = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["doctest failed"])[
+            -1
+        ]
         return [f"code output fails when run: {detail[:200]}"]
     return []
 
@@ -250,14 +262,24 @@ def validate_file(path: str | Path, run_code: bool = True) -> tuple[dict, list[D
     numbered, errors = read_jsonl(path)
     for number, record in numbered:
         if record["category"] not in CATEGORIES:
-            errors.append(DataError(path, number, f"unknown category {record['category']!r}; expected one of {list(CATEGORIES)}"))
+            errors.append(
+                DataError(
+                    path,
+                    number,
+                    f"unknown category {record['category']!r}; expected one of {list(CATEGORIES)}",
+                )
+            )
         for name in ("instruction", "output"):
             if not record[name].strip():
                 errors.append(DataError(path, number, f"field {name!r} is empty"))
     seen_ids: dict[str, int] = {}
     for number, record in numbered:
         if record["id"] in seen_ids:
-            errors.append(DataError(path, number, f"duplicate id {record['id']!r} (first at line {seen_ids[record['id']]})"))
+            errors.append(
+                DataError(
+                    path, number, f"duplicate id {record['id']!r} (first at line {seen_ids[record['id']]})"
+                )
+            )
         seen_ids.setdefault(record["id"], number)
     errors += [DataError(path, n, message) for n, message in duplicate_problems(numbered)]
     for number, record in numbered:
@@ -267,7 +289,9 @@ def validate_file(path: str | Path, run_code: bool = True) -> tuple[dict, list[D
     if run_code:
         code_records = [(n, r) for n, r in numbered if r["category"] == "code"]
         with ThreadPoolExecutor(max_workers=4) as pool:
-            for (number, _), messages in zip(code_records, pool.map(lambda nr: code_problems(nr[1]), code_records), strict=True):
+            for (number, _), messages in zip(
+                code_records, pool.map(lambda nr: code_problems(nr[1]), code_records), strict=True
+            ):
                 errors += [DataError(path, number, message) for message in messages]
     counts = Counter(record["category"] for _, record in numbered)
     for category in CATEGORIES:
@@ -276,7 +300,9 @@ def validate_file(path: str | Path, run_code: bool = True) -> tuple[dict, list[D
     present = [counts[c] for c in CATEGORIES if counts[c]]
     if present and len(set(present)) > 1:
         detail = ", ".join(f"{c}={counts[c]}" for c in CATEGORIES)
-        errors.append(DataError(path, None, f"categories are unbalanced ({detail}); each needs the same count"))
+        errors.append(
+            DataError(path, None, f"categories are unbalanced ({detail}); each needs the same count")
+        )
     summary = {"records": len(numbered), "per_category": {c: counts[c] for c in CATEGORIES}, "words": {}}
     for field in ("instruction", "input", "output"):
         lengths = [len(r[field].split()) for _, r in numbered] or [0]
@@ -296,7 +322,9 @@ def format_report(path: str | Path, summary: dict, errors: list[DataError]) -> s
     lines += [f"  {category:<15} {count:>5}" for category, count in summary["per_category"].items()]
     lines.append("  words            min  median    mean     max")
     for field, stats in summary["words"].items():
-        lines.append(f"  {field:<13} {stats['min']:>6} {stats['median']:>7} {stats['mean']:>7} {stats['max']:>7}")
+        lines.append(
+            f"  {field:<13} {stats['min']:>6} {stats['median']:>7} {stats['mean']:>7} {stats['max']:>7}"
+        )
     if errors:
         lines.append(f"{len(errors)} violation(s):")
         lines += [f"  {error}" for error in errors]

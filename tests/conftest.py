@@ -1,0 +1,38 @@
+"""Shared fixtures: small HexaInst slices and float64 tiny models for exact comparisons."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparcom.data import CATEGORIES, load_records
+from sparcom.models import load_model
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def per_category(count: int) -> list[dict]:
+    """The first ``count`` records of each category, in category order."""
+    records = load_records()
+    return [r for c in CATEGORIES for r in [r for r in records if r["category"] == c][:count]]
+
+
+@pytest.fixture(scope="session")
+def small_records() -> list[dict]:
+    return per_category(3)
+
+
+def exact_model(preset: str, **overrides):
+    """A tiny preset in float64 with eager experts: kernel rounding can no longer flip a gate's sign,
+    so counts from different batchings must agree exactly."""
+    model, tokenizer = load_model(preset, **overrides)
+    model = model.to(torch.float64)
+    if hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():
+        model.set_experts_implementation("eager")
+    return model, tokenizer

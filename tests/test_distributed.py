@@ -1,0 +1,33 @@
+"""Two real processes (torchrun, gloo) over shards give exactly the counts of one process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import per_category
+
+import sparcom
+from sparcom.models import load_model
+from sparcom.snapshot import Snapshot
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2-moe"])
+def test_two_ranks_equal_one_process(preset, tmp_path):
+    out = tmp_path / "reduced.safetensors"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+               str(HERE / "distributed_record.py"), str(out), preset]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reduced = Snapshot.load(out)
+    model, tokenizer = load_model(preset)
+    single = sparcom.record(model, tokenizer, per_category(3), batch_size=4, progress=False)
+    assert reduced.tokens == single.tokens
+    for site in single.category_counts:
+        assert torch.equal(reduced.instruction_counts[site], single.instruction_counts[site]), site

@@ -1,0 +1,86 @@
+"""Selection and metrics on tiny hand-made inputs whose answers are computed by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparcom.metrics import general_and_unique, jaccard, layer_profile, overlap_matrix, pairwise_jaccard, pearson
+from sparcom.select import ise, isn
+from sparcom.snapshot import Snapshot
+
+T, F = True, False
+
+
+def test_threshold_and_percentile_selection():
+    p = {"a": torch.tensor([0.1, 0.5, 0.9, 0.2]), "b": torch.tensor([0.6, 0.05])}
+    assert isn(p, 0.5)["a"].tolist() == [F, T, T, F]
+    assert isn(p, 0.5)["b"].tolist() == [T, F]
+    # top 50% per layer: ceil(0.5*4)=2 in a, ceil(0.5*2)=1 in b
+    chosen = isn(p, 0.5, "percentile_layer")
+    assert chosen["a"].tolist() == [F, T, T, F] and chosen["b"].tolist() == [T, F]
+    # top ceil(0.34*6)=3 globally: 0.9, 0.6, 0.5
+    chosen = isn(p, 0.34, "percentile_global")
+    assert chosen["a"].tolist() == [F, T, T, F] and chosen["b"].tolist() == [T, F]
+    with pytest.raises(ValueError, match=r"epsilon must be in \(0, 1\], got 1.5"):
+        isn(p, 1.5)
+    with pytest.raises(ValueError, match="unknown selection mode 'median'"):
+        isn(p, 0.5, "median")
+
+
+def test_ise_top_k_and_threshold():
+    q = {"r": torch.tensor([0.1, 0.4, 0.3, 0.2])}
+    assert ise(q, top_k=2)["r"].tolist() == [F, T, T, F]
+    assert ise(q, epsilon=0.25)["r"].tolist() == [F, T, T, F]
+
+
+def test_jaccard_and_pearson_by_hand():
+    a = {"x": torch.tensor([T, T, F, F]), "y": torch.tensor([T])}
+    b = {"x": torch.tensor([T, F, T, F]), "y": torch.tensor([T])}
+    assert jaccard(a, b) == 2 / 4  # intersection {x0, y0}, union {x0, x1, x2, y0}
+    empty = {"x": torch.zeros(3, dtype=torch.bool)}
+    assert jaccard(empty, empty) == 1.0
+    assert pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0])) == pytest.approx(1.0)
+    assert pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
+    assert math.isnan(pearson(torch.ones(3), torch.tensor([1.0, 2.0, 3.0])))
+
+
+def test_pairwise_jaccard_matches_the_definition():
+    vectors = torch.tensor([[T, T, F], [T, F, F], [F, F, F], [F, F, F]])
+    matrix = pairwise_jaccard(vectors, chunk=2)
+    assert matrix[0, 1] == 0.5 and matrix[0, 2] == 0.0 and matrix[2, 3] == 1.0 and matrix[0, 0] == 1.0
+
+
+def test_overlap_matrix_by_hand():
+    # 4 instructions, 2 categories, one site of 3 neurons; eps=0.5 with T=2 tokens each.
+    counts = torch.tensor([[2, 2, 0], [2, 0, 0], [0, 0, 2], [0, 2, 2]])  # sets: {0,1} {0} {2} {1,2}
+    snapshot = Snapshot(
+        categories=["code", "math"],
+        category_tokens=torch.tensor([4, 4]),
+        category_counts={"s": torch.stack([counts[:2].sum(0), counts[2:].sum(0)])},
+        site_kinds={"s": "ffn"},
+        site_layers={"s": 0},
+        instruction_ids=["a", "b", "c", "d"],
+        instruction_categories=["code", "code", "math", "math"],
+        instruction_tokens=torch.tensor([2, 2, 2, 2]),
+        instruction_counts={"s": counts},
+    )
+    matrix = overlap_matrix(snapshot, 0.5)
+    assert matrix[0, 0] == pytest.approx(1 / 2)  # J({0,1},{0})
+    assert matrix[1, 1] == pytest.approx(1 / 2)  # J({2},{1,2})
+    # cross pairs: J({0,1},{2})=0, J({0,1},{1,2})=1/3, J({0},{2})=0, J({0},{1,2})=0 -> mean 1/12
+    assert matrix[0, 1] == pytest.approx(1 / 12) and matrix[1, 0] == pytest.approx(1 / 12)
+
+
+def test_general_unique_and_layer_profile():
+    sets = {
+        "code": {"l0": torch.tensor([T, T, F]), "l1": torch.tensor([T, F])},
+        "math": {"l0": torch.tensor([T, F, T]), "l1": torch.tensor([F, F])},
+    }
+    general, unique = general_and_unique(sets)
+    assert general["l0"].tolist() == [T, F, F] and general["l1"].tolist() == [F, F]
+    assert unique["code"]["l0"].tolist() == [F, T, F] and unique["code"]["l1"].tolist() == [T, F]
+    assert unique["math"]["l0"].tolist() == [F, F, T]
+    assert layer_profile(sets["code"], {"l0": 0, "l1": 1}) == [2, 1]

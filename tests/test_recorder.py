@@ -1,0 +1,117 @@
+"""The recorder's counts against an independent recomputation, on every tiny architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import exact_model
+from reference import Reference
+
+import sparcom
+from sparcom.models import TINY_PRESETS
+from sparcom.sites import ARCHITECTURES, UnsupportedModelError, find_sites
+
+PRESETS = sorted(TINY_PRESETS)
+
+
+def _reference(model, tokenizer, records, scope):
+    architecture = ARCHITECTURES[model.config.model_type]
+    return Reference(model, tokenizer, records, scope, architecture.dense_mlp, architecture.moe_block)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_counts_equal_independent_recomputation(preset, small_records):
+    model, tokenizer = exact_model(preset)
+    reference = _reference(model, tokenizer, small_records, "all")
+    snapshot = sparcom.record(model, tokenizer, small_records, token_scope="all", batch_size=5, progress=False)
+    reference.remove()
+    expected = reference.counts()
+    assert set(expected) == set(snapshot.instruction_counts)
+    for site, counts in expected.items():
+        assert torch.equal(snapshot.instruction_counts[site], counts), site
+    assert any(int(c.sum()) > 0 for c in expected.values())
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_batch_size_does_not_change_counts(preset, small_records):
+    model, tokenizer = exact_model(preset)
+    one = sparcom.record(model, tokenizer, small_records, batch_size=1, progress=False)
+    sixteen = sparcom.record(model, tokenizer, small_records, batch_size=16, progress=False)
+    assert one.tokens == sixteen.tokens
+    for site in one.category_counts:
+        assert torch.equal(one.instruction_counts[site], sixteen.instruction_counts[site]), site
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if ARCHITECTURES[TINY_PRESETS[p][0]].moe_block])
+def test_router_totals_and_expert_bounds(preset, small_records):
+    model, tokenizer = exact_model(preset)
+    snapshot = sparcom.record(model, tokenizer, small_records, token_scope="all", progress=False)
+    top_k = model.config.num_experts_per_tok
+    for router in snapshot.sites("router"):
+        per_category = snapshot.category_counts[router].sum(dim=1)
+        assert torch.equal(per_category, top_k * snapshot.category_tokens)
+        experts = router.rsplit(".", 1)[0] + ".experts"
+        neurons = snapshot.instruction_counts[experts]  # [N, E, d]
+        assert (neurons <= snapshot.instruction_counts[router][:, :, None]).all()
+
+
+@pytest.mark.parametrize("implementation", ["eager", "batched_mm", "grouped_mm"])
+def test_every_experts_implementation_counts_right(implementation, small_records):
+    """float32, as users run it: the reference recounts in float64 from the same captured inputs;
+    only gates within 1e-4 of zero may legitimately round to the other side."""
+    model, tokenizer = sparcom.models.load_model("tiny-qwen2-moe")
+    model.set_experts_implementation(implementation)
+    reference = _reference(model, tokenizer, small_records, "all")
+    snapshot = sparcom.record(model, tokenizer, small_records, token_scope="all", batch_size=4, progress=False)
+    reference.remove()
+    expected = reference.counts()
+    for site, counts in expected.items():
+        difference = int((snapshot.instruction_counts[site] - counts).abs().sum())
+        assert difference <= max(1, counts.sum().item() // 100_000), (site, difference)
+        if site.endswith(".gate"):
+            assert difference == 0
+
+
+def test_padding_never_counts(small_records):
+    """Token totals equal the mask lengths; padding rows in a length-bucketed batch add nothing."""
+    model, tokenizer = exact_model("tiny-llama")
+    snapshot = sparcom.record(model, tokenizer, small_records, token_scope="response", batch_size=7, progress=False)
+    expected = {c: 0 for c in snapshot.categories}
+    for r in small_records:
+        expected[r["category"]] += int(sparcom.conversation.encode(r, tokenizer).response_mask.sum())
+    assert snapshot.tokens == expected
+    for site in snapshot.sites("ffn"):
+        assert (snapshot.category_counts[site] <= snapshot.category_tokens[:, None]).all()
+
+
+def test_scopes_partition_the_tokens(small_records):
+    model, tokenizer = exact_model("tiny-olmoe")
+    prompt, response, both = (
+        sparcom.record(model, tokenizer, small_records, token_scope=s, progress=False) for s in ("prompt", "response", "all")
+    )
+    for site in both.category_counts:
+        assert torch.equal(prompt.category_counts[site] + response.category_counts[site], both.category_counts[site])
+
+
+def test_hooks_are_removed_and_mode_restored(small_records):
+    model, tokenizer = sparcom.models.load_model("tiny-qwen2-moe")
+    model.train()
+    sparcom.record(model, tokenizer, small_records[:2], progress=False)
+    assert model.training
+    assert all(not m._forward_pre_hooks for m in model.modules())
+
+
+def test_unsupported_architecture_lists_supported():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(UnsupportedModelError, match="supported: .*llama.*qwen2_moe"):
+        find_sites(model)
+
+
+def test_bad_arguments_fail_early(small_records):
+    model, tokenizer = sparcom.models.load_model("tiny-llama")
+    with pytest.raises(ValueError, match="token_scope 'instructions'.*prompt"):
+        sparcom.record(model, tokenizer, small_records, token_scope="instructions")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        sparcom.record(model, tokenizer, small_records, batch_size=0)
