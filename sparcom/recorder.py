@@ -152,12 +152,20 @@ def expert_gate(
 def inference_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode and no grad for a probe; restores train mode and gradient checkpointing after."""
     was_training = model.training
-    checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    checkpointing = _checkpointing(model)
     model.eval()
     try:
         with torch.no_grad():
             yield
     finally:
         model.train(was_training)
-        if checkpointing and not getattr(model, "is_gradient_checkpointing", False):
+        if checkpointing and not _checkpointing(model):
             model.gradient_checkpointing_enable()
+
+
+def _checkpointing(model: nn.Module) -> bool:
+    # transformers 5 renamed is_gradient_checkpointing; read whichever this version has.
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name) or hasattr(model, name):
+            return bool(getattr(model, name))
+    return False

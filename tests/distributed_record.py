@@ -3,10 +3,11 @@
 import sys
 
 import torch.distributed as dist
-from conftest import per_category
 
 import sparcom
 from sparcom.models import load_model
+
+from conftest import per_category
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")

@@ -76,7 +76,9 @@ class Reference:
         num_experts = experts.gate_up_proj.shape[0]
         d_expert = experts.gate_up_proj.shape[1] // 2
         selected = block.gate(x)[2]  # [T, k]: the router's own choice for these tokens
-        neurons = out.setdefault(f"{name}.experts", torch.zeros(len(self.records), num_experts, d_expert, dtype=torch.long))
+        neurons = out.setdefault(
+            f"{name}.experts", torch.zeros(len(self.records), num_experts, d_expert, dtype=torch.long)
+        )
         router = out.setdefault(f"{name}.gate", torch.zeros(len(self.records), num_experts, dtype=torch.long))
         for t in range(x.shape[0]):
             for e in selected[t].tolist():

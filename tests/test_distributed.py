@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import per_category
 
 import sparcom
 from sparcom.models import load_model
 from sparcom.snapshot import Snapshot
+
+from conftest import per_category
 
 HERE = Path(__file__).parent
 
@@ -21,7 +22,7 @@ HERE = Path(__file__).parent
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2-moe"])
 def test_two_ranks_equal_one_process(preset, tmp_path):
     out = tmp_path / "reduced.safetensors"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
                str(HERE / "distributed_record.py"), str(out), preset]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=HERE)
     assert done.returncode == 0, done.stderr[-3000:]

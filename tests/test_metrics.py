@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from sparcom.metrics import general_and_unique, jaccard, layer_profile, overlap_matrix, pairwise_jaccard, pearson
+from sparcom.metrics import (
+    general_and_unique,
+    jaccard,
+    layer_profile,
+    overlap_matrix,
+    pairwise_jaccard,
+    pearson,
+)
 from sparcom.select import ise, isn
 from sparcom.snapshot import Snapshot
 

@@ -10,12 +10,25 @@ from sparcom.data import CATEGORIES
 from sparcom.models import load_model
 from sparcom.select import category_isn
 
-CANDIDATE_WORDS = ["zebra", "quartz", "violin", "harbor", "meteor", "walnut", "copper", "glacier", "saffron", "tundra"]
+CANDIDATE_WORDS = [
+    "zebra",
+    "quartz",
+    "violin",
+    "harbor",
+    "meteor",
+    "walnut",
+    "copper",
+    "glacier",
+    "saffron",
+    "tundra",
+]
 
 
 def _disjoint_words(tokenizer, count):
     """Words whose BPE pieces (with a leading space) share no token with each other or the template."""
-    template = set(tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True))
+    template = set(
+        tokenizer.apply_chat_template([{"role": "user", "content": ""}], add_generation_prompt=True)
+    )
     chosen, used = [], set(template)
     for word in CANDIDATE_WORDS:
         pieces = set(tokenizer(" " + word, add_special_tokens=False)["input_ids"])
@@ -48,7 +61,14 @@ def test_planted_neurons_are_recovered_exactly():
             gate[category, category] = 1.0  # neuron c: positive iff the token is a piece of word c
             gate[category, bias] = -0.5
     records = [
-        {"id": f"{c}-{i}", "category": c, "instruction": (" " + words[k][0]) * 40, "input": "", "output": "ok", "origin": "test"}
+        {
+            "id": f"{c}-{i}",
+            "category": c,
+            "instruction": (" " + words[k][0]) * 40,
+            "input": "",
+            "output": "ok",
+            "origin": "test",
+        }
         for k, c in enumerate(CATEGORIES)
         for i in range(3)
     ]
@@ -56,5 +76,7 @@ def test_planted_neurons_are_recovered_exactly():
     for k, category in enumerate(CATEGORIES):
         chosen = category_isn(snapshot, category, epsilon=0.5)["model.layers.0.mlp"]
         assert chosen.nonzero().flatten().tolist() == [k], category
-        top = category_isn(snapshot, category, epsilon=1 / model.config.intermediate_size, mode="percentile_layer")
+        top = category_isn(
+            snapshot, category, epsilon=1 / model.config.intermediate_size, mode="percentile_layer"
+        )
         assert top["model.layers.0.mlp"].nonzero().flatten().tolist() == [k]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import exact_model
-from reference import Reference
 
 import sparcom
 from sparcom.models import TINY_PRESETS
 from sparcom.sites import ARCHITECTURES, UnsupportedModelError, find_sites
+
+from conftest import exact_model
+from reference import Reference
 
 PRESETS = sorted(TINY_PRESETS)
 
@@ -23,7 +24,9 @@ def _reference(model, tokenizer, records, scope):
 def test_counts_equal_independent_recomputation(preset, small_records):
     model, tokenizer = exact_model(preset)
     reference = _reference(model, tokenizer, small_records, "all")
-    snapshot = sparcom.record(model, tokenizer, small_records, token_scope="all", batch_size=5, progress=False)
+    snapshot = sparcom.record(
+        model, tokenizer, small_records, token_scope="all", batch_size=5, progress=False
+    )
     reference.remove()
     expected = reference.counts()
     assert set(expected) == set(snapshot.instruction_counts)
@@ -62,7 +65,9 @@ def test_every_experts_implementation_counts_right(implementation, small_records
     model, tokenizer = sparcom.models.load_model("tiny-qwen2-moe")
     model.set_experts_implementation(implementation)
     reference = _reference(model, tokenizer, small_records, "all")
-    snapshot = sparcom.record(model, tokenizer, small_records, token_scope="all", batch_size=4, progress=False)
+    snapshot = sparcom.record(
+        model, tokenizer, small_records, token_scope="all", batch_size=4, progress=False
+    )
     reference.remove()
     expected = reference.counts()
     for site, counts in expected.items():
@@ -75,7 +80,9 @@ def test_every_experts_implementation_counts_right(implementation, small_records
 def test_padding_never_counts(small_records):
     """Token totals equal the mask lengths; padding rows in a length-bucketed batch add nothing."""
     model, tokenizer = exact_model("tiny-llama")
-    snapshot = sparcom.record(model, tokenizer, small_records, token_scope="response", batch_size=7, progress=False)
+    snapshot = sparcom.record(
+        model, tokenizer, small_records, token_scope="response", batch_size=7, progress=False
+    )
     expected = {c: 0 for c in snapshot.categories}
     for r in small_records:
         expected[r["category"]] += int(sparcom.conversation.encode(r, tokenizer).response_mask.sum())
@@ -87,10 +94,13 @@ def test_padding_never_counts(small_records):
 def test_scopes_partition_the_tokens(small_records):
     model, tokenizer = exact_model("tiny-olmoe")
     prompt, response, both = (
-        sparcom.record(model, tokenizer, small_records, token_scope=s, progress=False) for s in ("prompt", "response", "all")
+        sparcom.record(model, tokenizer, small_records, token_scope=s, progress=False)
+        for s in ("prompt", "response", "all")
     )
     for site in both.category_counts:
-        assert torch.equal(prompt.category_counts[site] + response.category_counts[site], both.category_counts[site])
+        assert torch.equal(
+            prompt.category_counts[site] + response.category_counts[site], both.category_counts[site]
+        )
 
 
 def test_hooks_are_removed_and_mode_restored(small_records):

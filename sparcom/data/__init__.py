@@ -95,7 +95,9 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Record]], list[DataErr
         problems += [
             f"field {name!r} has a lone surrogate escape (not encodable as UTF-8)"
             for name in FIELDS + OPTIONAL_FIELDS
-            if isinstance(record.get(name), str) and not record[name].isascii() and _has_surrogate(record[name])
+            if isinstance(record.get(name), str)
+            and not record[name].isascii()
+            and _has_surrogate(record[name])
         ]
         if problems:
             errors.extend(DataError(str(path), number, p) for p in problems)
