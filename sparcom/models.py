@@ -110,8 +110,18 @@ def build_tiny(preset: str, seed: int = 0, **overrides):
     return model.eval(), tokenizer
 
 
-def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, seed: int = 0, **tiny_overrides):
-    """Load ``(model, tokenizer)`` from a tiny preset name, a local directory or a hub id."""
+def load_model(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = None,
+    chat_template_from: str | None = None,
+    seed: int = 0,
+    **tiny_overrides,
+):
+    """Load ``(model, tokenizer)`` from a tiny preset name, a local directory or a hub id.
+
+    ``chat_template_from``: where a base model's tokenizer has no chat template, borrow the one of
+    this tokenizer (its instruct sibling), so base and tuned models see identical prompts.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path in TINY_PRESETS:
@@ -124,6 +134,8 @@ def load_model(name_or_path: str, dtype: str | torch.dtype | None = None, seed: 
     if name_or_path.startswith("tiny-") and not Path(name_or_path).exists():
         raise ValueError(f"unknown tiny preset {name_or_path!r}; expected one of {sorted(TINY_PRESETS)}")
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if not tokenizer.chat_template and chat_template_from:
+        tokenizer.chat_template = AutoTokenizer.from_pretrained(chat_template_from).chat_template
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_dtype(dtype) if dtype else "auto")

@@ -1,0 +1,53 @@
+"""Figures and tables. Matplotlib with the Agg backend, so it works on headless machines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+
+def overlap_heatmap(matrix: torch.Tensor, categories: list[str], title: str, path: str | Path) -> Path:
+    """Save a ``[C, C]`` overlap matrix as an annotated heatmap with a colour bar."""
+    figure, axes = plt.subplots(figsize=(6.4, 5.4), dpi=120)
+    image = axes.imshow(matrix.numpy(), cmap="viridis", vmin=0, vmax=max(float(matrix.max()), 1e-9))
+    axes.set_xticks(range(len(categories)), categories, rotation=35, ha="right")
+    axes.set_yticks(range(len(categories)), categories)
+    axes.set_xlabel("category b")
+    axes.set_ylabel("category a")
+    axes.set_title(title)
+    for a in range(len(categories)):
+        for b in range(len(categories)):
+            axes.text(b, a, f"{float(matrix[a, b]):.2f}", ha="center", va="center", color="white", fontsize=8)
+    figure.colorbar(image, ax=axes, label="mean pairwise Jaccard of ISN sets")
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return Path(path)
+
+
+def layer_profile_plot(profiles: dict[str, list[int]], title: str, path: str | Path) -> Path:
+    """Save ISN count per layer, one line per category."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for category, profile in profiles.items():
+        axes.plot(range(len(profile)), profile, marker="o", label=category)
+    axes.set_xlabel("layer")
+    axes.set_ylabel("ISN count")
+    axes.set_title(title)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+    return Path(path)
+
+
+def markdown_table(rows: list[list[object]], header: list[str]) -> str:
+    def cell(value: object) -> str:
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
