@@ -40,6 +40,14 @@ class Encoded:
             return self.prompt_mask | self.response_mask
         raise ValueError(f"unknown token_scope {token_scope!r}; expected one of {list(TOKEN_SCOPES)}")
 
+    def needed_for(self, token_scope: str) -> Encoded:
+        """The shortest prefix that still holds every counted token. In a causal LM no token sees
+        later ones, so dropping the response leaves every prompt token's activations unchanged."""
+        if token_scope != "prompt":
+            return self
+        end = int(self.prompt_mask.sum())
+        return Encoded(self.input_ids[:end], self.prompt_mask[:end], self.response_mask[:end])
+
 
 def messages(record: Record) -> list[dict[str, str]]:
     """The chat messages of a HexaInst-schema record."""

@@ -71,7 +71,8 @@ def record(
     rank, world = _rank_and_world()
 
     encoded = [
-        encode(r, tokenizer, max_length) for r in tqdm(records, desc="tokenize", disable=not progress or rank)
+        encode(r, tokenizer, max_length).needed_for(token_scope)
+        for r in tqdm(records, desc="tokenize", disable=not progress or rank)
     ]
     category_of = torch.tensor([categories.index(r["category"]) for r in records])
     group_of = torch.arange(len(records)) if per_instruction else category_of
@@ -85,7 +86,7 @@ def record(
     recorder = Recorder(hf_model, num_groups=len(records) if per_instruction else len(categories))
     with inference_mode(model), recorder:
         for batch in tqdm(mine, desc=f"record ({token_scope})", unit="batch", disable=not progress or rank):
-            input_ids, attention, scope = _pad([encoded[i] for i in batch], token_scope, pad_id)
+            input_ids, attention, scope = pad_batch([encoded[i] for i in batch], token_scope, pad_id)
             recorder.set_batch(scope, group_of[batch] if batch else torch.zeros(1, dtype=torch.long))
             model(
                 input_ids=input_ids.to(recorder.device, non_blocking=True),
@@ -93,14 +94,15 @@ def record(
                 use_cache=False,
             )
     counts = recorder.counts
-    nonfinite = recorder.nonfinite
+    checksums = recorder.checksums
     if world > 1:
-        for tensor in [*counts.values(), *nonfinite.values()]:
+        for tensor in [*counts.values(), *checksums.values()]:
             torch.distributed.all_reduce(tensor)
-    for site, bad in nonfinite.items():
-        if int(bad):
+    for site, checksum in checksums.items():
+        if not torch.isfinite(checksum):
             warnings.warn(
-                f"{int(bad)} non-finite (NaN/inf) gate activations at {site}; NaN never counts as firing",
+                f"non-finite (NaN/inf) gate activations at {site}: NaN never counts as firing, +inf does; "
+                "check the model's weights and dtype",
                 stacklevel=2,
             )
 
@@ -134,7 +136,7 @@ def record(
     )
 
 
-def _pad(
+def pad_batch(
     rows: list[Encoded], token_scope: str, pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ``[B, L]`` input ids, attention mask and counted-token mask (an empty batch: one pad)."""

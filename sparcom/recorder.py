@@ -34,8 +34,10 @@ class Recorder:
             site.name: torch.zeros((num_groups, *site.shape), dtype=torch.int32, device=device)
             for site, _ in self.sites
         }
-        self.nonfinite: dict[str, torch.Tensor] = {
-            site.name: torch.zeros((), dtype=torch.int64, device=device)
+        # A running sum of every gate value: NaN or inf anywhere makes it non-finite. One cheap
+        # reduction per call, checked once after the loop, instead of an isfinite pass per batch.
+        self.checksums: dict[str, torch.Tensor] = {
+            site.name: torch.zeros((), dtype=torch.float64, device=device)
             for site, _ in self.sites
             if site.kind != "router"
         }
@@ -47,6 +49,10 @@ class Recorder:
         """``mask``: ``[B, L]`` bool, the tokens to count; ``groups``: ``[B]`` long, each row's group."""
         self._mask = mask.to(self.device, non_blocking=True)
         self._groups = groups.to(self.device, non_blocking=True)
+        # MoE blocks see tokens flattened to [B*L]: the same mask and groups, one entry per token.
+        self._mask_flat = self._mask.reshape(-1)
+        self._mask_float = self._mask.to(torch.float32)[:, None, :]  # [B, 1, L]
+        self._groups_flat = self._groups.repeat_interleave(mask.shape[1])
 
     def __enter__(self) -> Recorder:
         by_module: dict[int, list[Site]] = {}
@@ -74,18 +80,21 @@ class Recorder:
     # ------------------------------------------------------------------------------- hooks
 
     def _row_sums(self, fired: torch.Tensor) -> torch.Tensor:
-        """``fired``: ``[B*L, X]`` or ``[B, L, X]`` bool -> ``[B, X]`` int32 counts over counted tokens."""
+        """``fired``: ``[B*L, X]`` or ``[B, L, X]`` bool -> ``[B, X]`` int32 counts over counted tokens.
+
+        One batched matmul ``[B, 1, L] @ [B, L, X]`` (faster than mask-and-sum); float32 sums of
+        0/1 are exact for any L below 2**24."""
         batch, length = self._mask.shape
-        fired = fired.reshape(batch, length, -1)
-        return (fired & self._mask[:, :, None]).sum(dim=1, dtype=torch.int32)
+        fired = fired.reshape(batch, length, -1).to(torch.float32)
+        return torch.bmm(self._mask_float, fired).squeeze(1).to(torch.int32)
 
     def _ffn_hook(self, site: Site):
         counts = self.counts[site.name]
-        nonfinite = self.nonfinite[site.name]
+        checksum = self.checksums[site.name]
 
         def hook(module, args):
             gate = args[0]
-            nonfinite.add_((~torch.isfinite(gate)).sum())
+            checksum.add_(gate.sum(dtype=torch.float32))
             counts.index_add_(0, self._groups, self._row_sums(gate > 0))
 
         return hook
@@ -93,30 +102,24 @@ class Recorder:
     def _experts_hook(self, names: dict[str, str]):
         neuron_counts = self.counts[names["experts"]]
         router_counts = self.counts[names["router"]]
-        nonfinite = self.nonfinite[names["experts"]]
+        checksum = self.checksums[names["experts"]]
         num_experts = router_counts.shape[1]
+        # One row per (group, expert): a pair's counts land at group * E + expert.
+        neuron_rows = neuron_counts.view(self.num_groups * num_experts, -1)
+        router_rows = router_counts.view(self.num_groups * num_experts)
 
         def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]
-            top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-            batch, length = self._mask.shape
-            top_k = top_k_index.shape[-1]
-            # Router: which experts each token selected (indices >= num_experts are EP sentinels).
-            selected = torch.nn.functional.one_hot(top_k_index.clamp(max=num_experts), num_experts + 1)
-            selected = selected[..., :num_experts].sum(dim=1).bool()  # [B*L, E]
-            router_counts.index_add_(0, self._groups, self._row_sums(selected))
-            # Expert neurons: the gate of each (token, selected expert) pair, grouped by expert.
+            hidden = args[0] if args else kwargs["hidden_states"]  # [B*L, H]
+            top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]  # [B*L, k]
+            # Token-expert pairs sorted by expert (indices >= E are expert-parallel sentinels).
             expert_ids, order = torch.sort(top_k_index.reshape(-1))
-            token_of_pair = order // top_k  # [S]
+            token_of_pair = order // top_k_index.shape[-1]  # [S]
+            counted = self._mask_flat[token_of_pair] & (expert_ids < num_experts)  # [S]
+            rows = self._groups_flat[token_of_pair] * num_experts + expert_ids.clamp(max=num_experts - 1)
+            router_rows.index_add_(0, rows, counted.to(torch.int32))
             gate = expert_gate(hidden[token_of_pair], gate_weight(module), expert_ids, num_experts)  # [S, d]
-            nonfinite.add_((~torch.isfinite(gate)).sum())
-            counted = self._mask.reshape(-1)[token_of_pair] & (expert_ids < num_experts)  # [S]
-            fired = (gate > 0) & counted[:, None]
-            group_of_pair = self._groups.repeat_interleave(length)[token_of_pair]
-            flat = neuron_counts.view(self.num_groups * num_experts, -1)
-            flat.index_add_(
-                0, group_of_pair * num_experts + expert_ids.clamp(max=num_experts - 1), fired.to(torch.int32)
-            )
+            checksum.add_(gate.sum(dtype=torch.float32))
+            neuron_rows.index_add_(0, rows, ((gate > 0) & counted[:, None]).to(torch.int32))
 
         return hook
 

@@ -20,9 +20,12 @@ def overlap_heatmap(matrix: torch.Tensor, categories: list[str], title: str, pat
     axes.set_xlabel("category b")
     axes.set_ylabel("category a")
     axes.set_title(title)
+    bright = 0.6 * max(float(matrix.max()), 1e-9)
     for a in range(len(categories)):
         for b in range(len(categories)):
-            axes.text(b, a, f"{float(matrix[a, b]):.2f}", ha="center", va="center", color="white", fontsize=8)
+            value = float(matrix[a, b])
+            colour = "black" if value > bright else "white"  # readable on viridis' yellow end
+            axes.text(b, a, f"{value:.2f}", ha="center", va="center", color=colour, fontsize=8)
     figure.colorbar(image, ax=axes, label="mean pairwise Jaccard of ISN sets")
     figure.tight_layout()
     figure.savefig(path)

@@ -125,3 +125,12 @@ def test_bad_arguments_fail_early(small_records):
         sparcom.record(model, tokenizer, small_records, token_scope="instructions")
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         sparcom.record(model, tokenizer, small_records, batch_size=0)
+
+
+def test_non_finite_activations_warn_with_the_site(small_records):
+    model, tokenizer = sparcom.models.load_model("tiny-llama")
+    with torch.no_grad():
+        model.model.layers[2].mlp.gate_proj.weight[0, 0] = float("nan")
+    with pytest.warns(UserWarning, match=r"non-finite .* at model\.layers\.2\.mlp"):
+        snapshot = sparcom.record(model, tokenizer, small_records[:3], progress=False)
+    assert int(snapshot.category_counts["model.layers.2.mlp"][:, 0].sum()) == 0  # NaN never counts
