@@ -67,6 +67,9 @@ def main(cfg: DictConfig) -> None:
         cfg.model.name_or_path, cfg.model.dtype, cfg.model.chat_template_from, seed=cfg.seed
     )
     sft_args = OmegaConf.to_container(cfg.trainer.args, resolve=True)
+    if not torch.cuda.is_available():
+        # Accelerate sizes a CPU job (gloo, one entry per rank) only when told it is on CPU.
+        sft_args["use_cpu"] = True
     if sft_args["bf16"] is None:  # TRL's default turns bf16 on, which CPUs refuse
         sft_args["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     args = SFTConfig(

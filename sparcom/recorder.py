@@ -164,6 +164,36 @@ def inference_mode(model: nn.Module) -> Iterator[None]:
         model.train(was_training)
         if checkpointing and not _checkpointing(model):
             model.gradient_checkpointing_enable()
+        _forget_zero3_trace(model)
+
+
+def _forget_zero3_trace(model: nn.Module) -> None:
+    """ZeRO-3 records the module order of one forward+backward and prefetches parameters by it;
+    a forward-only probe would be taken for that trace and break the next backward. Invalidate
+    it, so the next training step records afresh. (No-op without DeepSpeed.)"""
+    for module in (model, getattr(model, "module", None)):
+        for hook in getattr(module, "_forward_pre_hooks", {}).values():
+            offload = _closure_owner(hook, "get_param_coordinator")
+            coordinator = offload.get_param_coordinator() if offload is not None else None
+            if coordinator is not None and not coordinator.is_invalid_trace():
+                coordinator._invalidate_trace()
+
+
+def _closure_owner(function, attribute: str, depth: int = 3):
+    """The object with ``attribute`` captured by a hook function (DeepSpeed wraps its hooks in
+    decorators, so the search goes a few closures deep)."""
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            value = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if hasattr(value, attribute):
+            return value
+        if depth and callable(value):
+            found = _closure_owner(value, attribute, depth - 1)
+            if found is not None:
+                return found
+    return None
 
 
 def _checkpointing(model: nn.Module) -> bool:

@@ -121,8 +121,8 @@ def layer_of(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
-def gate_weight(experts: nn.Module) -> torch.Tensor:
-    """``[num_experts, d_expert, hidden]``: the gate half of a fused experts module's input projection."""
+def check_experts(experts: nn.Module) -> None:
+    """Refuse fused-experts layouts whose gate the recorder cannot read exactly."""
     if not getattr(experts, "has_gate", True) or getattr(experts, "has_bias", False):
         raise UnsupportedModelError(
             f"{type(experts).__name__}: only gated experts without bias are supported"
@@ -131,6 +131,10 @@ def gate_weight(experts: nn.Module) -> torch.Tensor:
         raise UnsupportedModelError(
             f"{type(experts).__name__} applies a custom gate; counts would not be exact"
         )
+
+
+def gate_weight(experts: nn.Module) -> torch.Tensor:
+    """``[num_experts, d_expert, hidden]``: the gate half of a fused experts module's input projection."""
     weight = experts.gate_up_proj
     if getattr(experts, "is_transposed", False):
         weight = weight.transpose(1, 2)  # [E, 2 d, H]
@@ -174,7 +178,7 @@ def find_sites(model: nn.Module) -> list[tuple[Site, nn.Module]]:
 
 
 def _experts_shape(experts: nn.Module) -> tuple[int, int]:
-    gate_weight(experts)  # refuses unsupported layouts early
+    check_experts(experts)
     # Under ZeRO-3 a parameter is a placeholder between forwards; ds_shape keeps its real shape.
     shape = tuple(getattr(experts.gate_up_proj, "ds_shape", experts.gate_up_proj.shape))
     fused = shape[2] if getattr(experts, "is_transposed", False) else shape[1]
