@@ -47,7 +47,7 @@ def main(cfg: DictConfig) -> None:
     from callbacks import SparcomCallback
     from sparcom.data import load_records
     from sparcom.models import load_model
-    from sparcom.training import configure_wandb, probe_set, sft_dataset
+    from sparcom.training import configure_wandb, finish_wandb, probe_set, sft_dataset
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -111,6 +111,7 @@ def main(cfg: DictConfig) -> None:
         ],
     )
     trainer.train(resume_from_checkpoint=cfg.resume)
+    finish_wandb()  # the next job of a sweep runs in this process and must start its own W&B run
     if rank == 0:
         print(f"run folder: {run_dir}  (config.yaml, checkpoint-*/, snapshots/, wandb/)")
 

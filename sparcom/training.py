@@ -90,6 +90,18 @@ def configure_wandb(mode: str, project: str, run_dir: Path, group: str | None, n
     return mode
 
 
+def finish_wandb() -> None:
+    """Close this process's W&B run, if any; a failure to close is a warning, never an error."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+        wandb.teardown()  # forget settings read from the environment: the next job sets its own
+    except Exception as err:  # noqa: BLE001 - logging must never fail a finished run
+        warnings.warn(f"W&B: could not finish the run ({err})", stacklevel=2)
+
+
 def _wandb_reachable() -> bool:
     if not os.environ.get("WANDB_API_KEY"):
         import netrc
