@@ -6,6 +6,7 @@ import json
 import re
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -82,6 +83,9 @@ class SparcomCallback(TrainerCallback):
         self.previous: Snapshot | None = None
         self.last_step: int | None = None
         self.table_rows: list[list] = []
+        # Figures (overlap matrix, layer profile) are drawn off the training thread.
+        self._figure_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparcom-figures")
+        self._pending: list[Future] = []
 
     # ------------------------------------------------------------------------- trainer events
 
@@ -108,6 +112,13 @@ class SparcomCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self._snapshot(args, state, model)
+        self.close()
+
+    def close(self) -> None:
+        """Wait for figures still being drawn and logged."""
+        for future in self._pending:
+            future.result()
+        self._pending.clear()
 
     # ------------------------------------------------------------------------------ the work
 
@@ -168,11 +179,19 @@ class SparcomCallback(TrainerCallback):
                 ],
                 data=self.table_rows,
             )
-            if self.log_figures:
-                payload |= self._figures(step, snapshot, wandb)
             wandb.run.log(payload)
+            if self.log_figures:
+                self._pending.append(self._figure_worker.submit(self._log_figures, step, snapshot, wandb))
         except Exception as err:  # noqa: BLE001 - a logging outage must never stop training
             warnings.warn(f"W&B logging failed at step {step} ({err}); training continues", stacklevel=2)
+
+    def _log_figures(self, step: int, snapshot: Snapshot, wandb) -> None:
+        try:
+            wandb.run.log({**self._figures(step, snapshot, wandb), "train/global_step": step})
+        except Exception as err:  # noqa: BLE001
+            warnings.warn(
+                f"W&B figure logging failed at step {step} ({err}); training continues", stacklevel=2
+            )
 
     def _figures(self, step: int, snapshot: Snapshot, wandb) -> dict:
         from sparcom.report import layer_profile_plot, overlap_heatmap

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+# Figures are built with the object API (no pyplot): no global state, safe off the main thread.
 
 
 def overlap_heatmap(matrix: torch.Tensor, categories: list[str], title: str, path: str | Path) -> Path:
     """Save a ``[C, C]`` overlap matrix as an annotated heatmap with a colour bar."""
-    figure, axes = plt.subplots(figsize=(6.4, 5.4), dpi=120)
+    figure = Figure(figsize=(6.4, 5.4), dpi=120)
+    axes = figure.subplots()
     image = axes.imshow(matrix.numpy(), cmap="viridis", vmin=0, vmax=max(float(matrix.max()), 1e-9))
     axes.set_xticks(range(len(categories)), categories, rotation=35, ha="right")
     axes.set_yticks(range(len(categories)), categories)
@@ -29,13 +29,13 @@ def overlap_heatmap(matrix: torch.Tensor, categories: list[str], title: str, pat
     figure.colorbar(image, ax=axes, label="mean pairwise Jaccard of ISN sets")
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
     return Path(path)
 
 
 def layer_profile_plot(profiles: dict[str, list[int]], title: str, path: str | Path) -> Path:
     """Save ISN count per layer, one line per category."""
-    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    figure = Figure(figsize=(6.4, 4.0), dpi=120)
+    axes = figure.subplots()
     for category, profile in profiles.items():
         axes.plot(range(len(profile)), profile, marker="o", label=category)
     axes.set_xlabel("layer")
@@ -44,7 +44,6 @@ def layer_profile_plot(profiles: dict[str, list[int]], title: str, path: str | P
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
-    plt.close(figure)
     return Path(path)
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+import training
 
 import sparcom
 from sparcom.conversation import encode
@@ -160,6 +161,8 @@ def main() -> int:
             )
         print(f"  peak RSS MB: bare={memory['bare']:.0f} record={memory['record']:.0f} "
               f"(ratio {memory['record'] / memory['bare']:.3f})")  # fmt: skip
+    results["training"] = training.report({"qwen2-moe": MODELS["qwen2-moe"], "llama-8x256": MODELS["llama-8x256"]},
+                                          args.rounds, bare_forward)  # fmt: skip
     syncs = host_syncs_per_batch(records)
     print(f"\nhost syncs per batch from sparcom hooks: {syncs:g}")
     results["host_syncs_per_batch"] = syncs

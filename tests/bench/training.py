@@ -1,0 +1,105 @@
+"""Training overhead of the SparcomCallback, measured side by side: step time with and without it
+(between snapshots), and the cost of one snapshot against a bare forward over the probe set."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from types import SimpleNamespace
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from callbacks import SparcomCallback
+from sparcom.data import load_records
+from sparcom.models import build_tiny
+from sparcom.training import probe_set, sft_dataset
+
+PROBE_PER_CATEGORY = 20
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _collate(rows):
+    length = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    attention = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
+        attention[i, : len(r["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": attention, "labels": ids.masked_fill(attention == 0, -100)}
+
+
+def step_seconds(preset: str, overrides: dict, with_callback: bool, steps: int) -> list[float]:
+    model, tokenizer = build_tiny(preset, **overrides)
+    records = load_records()
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=8, report_to=[],
+                                 use_cpu=True, save_strategy="no", logging_steps=10**6, disable_tqdm=True)  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=sft_dataset(records, tokenizer, 256),
+                          data_collator=_collate, callbacks=[timer])  # fmt: skip
+        if with_callback:
+            trainer.add_callback(
+                SparcomCallback(tokenizer, probe_set(records, 4), snapshot_dir=out + "/snapshots")
+            )
+        trainer.train()
+    return timer.seconds[2:]  # the first steps warm up allocator and kernels
+
+
+def snapshot_vs_forward(preset: str, overrides: dict, rounds: int, bare_forward) -> tuple[float, float]:
+    """Median seconds of one mid-training snapshot (record + save + drift + W&B log) and of a bare
+    forward over the same probe set; W&B is a real offline run."""
+    import wandb
+
+    model, tokenizer = build_tiny(preset, **overrides)
+    probe = probe_set(load_records(), PROBE_PER_CATEGORY)
+    snapshot_times, forward_times = [], []
+    with tempfile.TemporaryDirectory() as out:
+        os.environ["WANDB_SILENT"] = "true"
+        wandb.init(mode="offline", dir=out, project="sparcom-bench")
+        callback = SparcomCallback(tokenizer, probe, epsilons=[0.3, 0.5, 0.7], snapshot_dir=out)
+        state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+        callback._snapshot(None, state, model)  # the base
+        for step in range(1, rounds + 1):
+            started = time.perf_counter()
+            bare_forward(model, tokenizer, probe)
+            forward_times.append(time.perf_counter() - started)
+            state.global_step = step
+            started = time.perf_counter()
+            callback._snapshot(None, state, model)
+            snapshot_times.append(time.perf_counter() - started)
+        callback.close()
+        wandb.finish()
+    return statistics.median(snapshot_times), statistics.median(forward_times)
+
+
+def report(models: dict, rounds: int, bare_forward) -> dict:
+    """``bare_forward(model, tokenizer, records)``: the floor the recorder benchmark uses too."""
+    results = {}
+    for name, (preset, overrides) in models.items():
+        without, with_ = [], []
+        for _ in range(rounds):  # alternate, so drift in machine speed hits both alike
+            without += step_seconds(preset, overrides, False, 12)
+            with_ += step_seconds(preset, overrides, True, 12)
+        throughput = statistics.median(without) / statistics.median(with_)
+        snapshot, forward = snapshot_vs_forward(preset, overrides, rounds, bare_forward)
+        results[name] = {"throughput_ratio": throughput, "snapshot_s": snapshot, "probe_forward_s": forward}
+        print(f"\n{name} training: median step {statistics.median(without) * 1e3:.0f} ms without the callback, "
+              f"{statistics.median(with_) * 1e3:.0f} ms with it")  # fmt: skip
+        print(f"  throughput with / without     = {throughput:.3f}x  (target >= 0.98)")
+        print(
+            f"  one snapshot / probe forward  = {snapshot / forward:.3f}x  (target <= 1.2; {snapshot:.2f}s vs {forward:.2f}s)"
+        )
+    return results
