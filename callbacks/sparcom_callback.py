@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,20 +14,7 @@ from sparcom.drift import drift_metrics
 from sparcom.metrics import layer_profile, overlap_matrix
 from sparcom.probe import record
 from sparcom.select import SELECTION_MODES, category_isn, check_epsilon
-from sparcom.snapshot import Snapshot
-
-SNAPSHOT_NAME = "snapshot-step{step:07d}.safetensors"
-_STEP = re.compile(r"snapshot-step(\d+)\.safetensors$")
-
-
-def snapshot_series(directory: str | Path) -> dict[int, Path]:
-    """Snapshots in a folder by training step (temporary files of unfinished writes are ignored)."""
-    found = {}
-    for path in Path(directory).glob("snapshot-step*.safetensors"):
-        match = _STEP.search(path.name)
-        if match:
-            found[int(match.group(1))] = path
-    return dict(sorted(found.items()))
+from sparcom.snapshot import SNAPSHOT_NAME, Snapshot, snapshot_series
 
 
 class SparcomCallback(TrainerCallback):

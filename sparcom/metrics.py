@@ -71,9 +71,20 @@ def overlap_matrix(snapshot: Snapshot, epsilon: float, mode: str = "threshold") 
     """
     count = len(snapshot.instruction_ids)
     vectors = torch.stack([flatten(instruction_isn(snapshot, i, epsilon, mode)) for i in range(count)])
-    similarity = pairwise_jaccard(vectors)
-    rows = torch.tensor([snapshot.categories.index(c) for c in snapshot.instruction_categories])
-    size = len(snapshot.categories)
+    return category_block_means(
+        pairwise_jaccard(vectors), snapshot.instruction_categories, snapshot.categories
+    )
+
+
+def category_block_means(
+    similarity: torch.Tensor, row_categories: list[str], categories: list[str]
+) -> torch.Tensor:
+    """``[N, N]`` pairwise similarity of instructions -> ``[C, C]`` means over category blocks.
+
+    Off the diagonal: all pairs (one of ``a``, one of ``b``); on it: pairs of distinct instructions.
+    """
+    rows = torch.tensor([categories.index(c) for c in row_categories])
+    size = len(categories)
     matrix = torch.zeros(size, size, dtype=torch.float64)
     for a in range(size):
         for b in range(size):

@@ -122,7 +122,7 @@ def load_model(
     ``chat_template_from``: where a base model's tokenizer has no chat template, borrow the one of
     this tokenizer (its instruct sibling), so base and tuned models see identical prompts.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if name_or_path in TINY_PRESETS:
         model, tokenizer = build_tiny(name_or_path, seed=seed, **tiny_overrides)
@@ -133,13 +133,23 @@ def load_model(
         )
     if name_or_path.startswith("tiny-") and not Path(name_or_path).exists():
         raise ValueError(f"unknown tiny preset {name_or_path!r}; expected one of {sorted(TINY_PRESETS)}")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if not tokenizer.chat_template and chat_template_from:
-        tokenizer.chat_template = AutoTokenizer.from_pretrained(chat_template_from).chat_template
+    tokenizer = load_tokenizer(name_or_path, chat_template_from)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_dtype(dtype) if dtype else "auto")
     return model.eval(), tokenizer
+
+
+def load_tokenizer(name_or_path: str, chat_template_from: str | None = None):
+    """The tokenizer alone (for analyses that need no weights), by the same rules as ``load_model``."""
+    from transformers import AutoTokenizer
+
+    if name_or_path in TINY_PRESETS:
+        return tiny_tokenizer()
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if not tokenizer.chat_template and chat_template_from:
+        tokenizer.chat_template = AutoTokenizer.from_pretrained(chat_template_from).chat_template
+    return tokenizer
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FORMAT = "sparcom-snapshot-1"
+SNAPSHOT_NAME = "snapshot-step{step:07d}.safetensors"
+_STEP = re.compile(r"snapshot-step(\d+)\.safetensors$")
 
 
 class SnapshotError(ValueError):
@@ -176,3 +179,40 @@ class Snapshot:
             else None,
             meta=header["meta"],
         )
+
+
+def check_comparable(a: Snapshot, b: Snapshot, names: tuple[str, str] = ("base", "tuned")) -> None:
+    """Refuse to compare snapshots that do not measure the same thing, naming the difference."""
+    checks = [
+        ("model family", a.meta.get("model_type"), b.meta.get("model_type")),
+        ("token scope", a.meta.get("token_scope"), b.meta.get("token_scope")),
+        ("dataset", a.meta.get("dataset_hash"), b.meta.get("dataset_hash")),
+        ("categories", a.categories, b.categories),
+    ]
+    for what, left, right in checks:
+        if left != right:
+            raise SnapshotError(
+                f"cannot compare snapshots: different {what} ({names[0]}: {left!r}, {names[1]}: {right!r})"
+            )
+    if a.site_kinds != b.site_kinds:
+        only_a = sorted(set(a.site_kinds) - set(b.site_kinds))[:3]
+        only_b = sorted(set(b.site_kinds) - set(a.site_kinds))[:3]
+        raise SnapshotError(
+            f"cannot compare snapshots: different sites (only in {names[0]}: {only_a}, only in {names[1]}: {only_b})"
+        )
+    for site, counts in a.category_counts.items():
+        if counts.shape != b.category_counts[site].shape:
+            raise SnapshotError(
+                f"cannot compare snapshots: site {site} has shape {tuple(counts.shape)} in {names[0]} "
+                f"and {tuple(b.category_counts[site].shape)} in {names[1]}"
+            )
+
+
+def snapshot_series(directory: str | Path) -> dict[int, Path]:
+    """Snapshots in a folder by training step (temporary files of unfinished writes are ignored)."""
+    found = {}
+    for path in Path(directory).glob("snapshot-step*.safetensors"):
+        match = _STEP.search(path.name)
+        if match:
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))

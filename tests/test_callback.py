@@ -7,8 +7,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from callbacks import SparcomCallback
-from callbacks.sparcom_callback import snapshot_series
 from sparcom.models import load_model
+from sparcom.snapshot import snapshot_series
 from sparcom.training import sft_dataset
 
 from conftest import per_category

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 import sparcom
-from callbacks.sparcom_callback import snapshot_series
 from sparcom.data import CATEGORIES, load_records
 from sparcom.drift import drift_metrics
 from sparcom.models import load_model
-from sparcom.snapshot import Snapshot
+from sparcom.snapshot import Snapshot, snapshot_series
 from sparcom.training import probe_set
 from sparcom.wandb_log import history, records, run_file
 
