@@ -17,6 +17,8 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from sparcom.config_check import check_analyze, exit_on_bad_input
+
 ROOT = Path(__file__).resolve().parent
 
 
@@ -63,15 +65,15 @@ def snapshot_of(spec: str, cfg: DictConfig, records: list[dict]):
 
 
 @hydra.main(config_path="conf", config_name="analyze", version_base="1.3")
+@exit_on_bad_input
 def main(cfg: DictConfig) -> None:
     from sparcom.data import load_records
     from sparcom.report_builder import ablation_report, comparison_report, run_inputs
 
+    check_analyze(cfg)
     out = Path(HydraConfig.get().runtime.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = load_records(cfg.data.path)
-    if cfg.mode not in ("compare", "ablate"):
-        raise ValueError(f"unknown mode {cfg.mode!r}; expected compare or ablate")
     if cfg.run:
         inputs = run_inputs(Path(cfg.run))
         if cfg.mode == "ablate":

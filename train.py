@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from sparcom.config_check import ConfigError, exit_on_bad_input
 from sparcom.training import sft_defaults
 
 
@@ -40,15 +41,20 @@ def run_stamp() -> str:
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@exit_on_bad_input
 def main(cfg: DictConfig) -> None:
     import torch
     from trl import SFTConfig, SFTTrainer
 
-    from callbacks import SparcomCallback
+    from callbacks import ResilientWandbCallback, SparcomCallback
+    from sparcom.config_check import check_probe_fits, check_train
     from sparcom.data import load_records
     from sparcom.models import load_model
-    from sparcom.training import configure_wandb, finish_wandb, probe_set, sft_dataset
+    from sparcom.training import configure_wandb, finish_wandb, latest_checkpoint, probe_set, sft_dataset
 
+    check_train(cfg)  # every config mistake surfaces here, before data or a model loads
+    records = load_records(cfg.data.path, tuple(cfg.data.categories))
+    check_probe_fits(records, cfg.sparcom.probe.per_category)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     rank = int(os.environ.get("RANK", "0"))
@@ -61,7 +67,6 @@ def main(cfg: DictConfig) -> None:
         cfg.logger.mode, cfg.logger.project, run_dir, group, cfg.logger.name, cfg.logger.entity
     )
 
-    records = load_records(cfg.data.path)
     probe = probe_set(records, cfg.sparcom.probe.per_category, cfg.sparcom.probe.seed)
     model, tokenizer = load_model(
         cfg.model.name_or_path, cfg.model.dtype, cfg.model.chat_template_from, seed=cfg.seed
@@ -75,7 +80,7 @@ def main(cfg: DictConfig) -> None:
     args = SFTConfig(
         **sft_args,
         output_dir=str(run_dir),
-        report_to=[] if mode == "disabled" else ["wandb"],
+        report_to=[],  # W&B goes through ResilientWandbCallback below, so a W&B failure cannot stop training
         deepspeed=OmegaConf.to_container(cfg.deepspeed.config, resolve=True)
         if cfg.deepspeed.config
         else None,
@@ -96,6 +101,7 @@ def main(cfg: DictConfig) -> None:
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[
+            *([] if mode == "disabled" else [ResilientWandbCallback()]),
             SparcomCallback(
                 tokenizer,
                 probe,
@@ -107,10 +113,15 @@ def main(cfg: DictConfig) -> None:
                 snapshot_dir=run_dir / "snapshots",
                 on_save=cfg.sparcom.record.on_save,
                 every_steps=cfg.sparcom.record.every_steps,
-            )
+            ),
         ],
     )
-    trainer.train(resume_from_checkpoint=cfg.resume)
+    resume = cfg.resume
+    if resume is True:  # the newest checkpoint that was written to the end
+        resume = latest_checkpoint(run_dir)
+        if resume is None:
+            raise ConfigError(f"resume: true, but {run_dir} holds no complete checkpoint-* folder")
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finish_wandb()  # the next job of a sweep runs in this process and must start its own W&B run
     if rank == 0:
         print(f"run folder: {run_dir}  (config.yaml, checkpoint-*/, snapshots/, wandb/)")

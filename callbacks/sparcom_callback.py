@@ -125,7 +125,8 @@ class SparcomCallback(TrainerCallback):
         self.last_step = step
         if state.is_world_process_zero:
             path = self.snapshot_dir / SNAPSHOT_NAME.format(step=step)
-            if path.exists():
+            repeated = path.exists()  # a resumed run passing a step that a killed attempt finished
+            if repeated:
                 warnings.warn(
                     f"{path} exists from an earlier attempt; keeping it, not overwriting", stacklevel=2
                 )
@@ -133,15 +134,16 @@ class SparcomCallback(TrainerCallback):
                 snapshot.save(path)
             if self.base is None:
                 self.base = snapshot
-            self._log(step, snapshot)
+            self._log(step, snapshot, write_row=not repeated)
         self.previous = snapshot
 
-    def _log(self, step: int, snapshot: Snapshot) -> None:
+    def _log(self, step: int, snapshot: Snapshot, write_row: bool = True) -> None:
         metrics = drift_metrics(self.base, snapshot, self.epsilons, self.selection_mode, "base")
         if self.previous is not None:
             metrics |= drift_metrics(self.previous, snapshot, self.epsilons, self.selection_mode, "prev")
-        with open(self.snapshot_dir / "drift.jsonl", "a", encoding="utf-8") as handle:
-            handle.write(json.dumps({"step": step, **metrics}) + "\n")
+        if write_row:
+            with open(self.snapshot_dir / "drift.jsonl", "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"step": step, **metrics}) + "\n")
         for category in snapshot.categories:
             for epsilon in self.epsilons:
                 key = f"eps={epsilon:g}/{category}"

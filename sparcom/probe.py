@@ -84,15 +84,26 @@ def record(
     hf_model = unwrap(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     recorder = Recorder(hf_model, num_groups=len(records) if per_instruction else len(categories))
-    with inference_mode(model), recorder:
-        for batch in tqdm(mine, desc=f"record ({token_scope})", unit="batch", disable=not progress or rank):
-            input_ids, attention, scope = pad_batch([encoded[i] for i in batch], token_scope, pad_id)
-            recorder.set_batch(scope, group_of[batch] if batch else torch.zeros(1, dtype=torch.long))
-            model(
-                input_ids=input_ids.to(recorder.device, non_blocking=True),
-                attention_mask=attention.to(recorder.device, non_blocking=True),
-                use_cache=False,
-            )
+    try:
+        with inference_mode(model), recorder:
+            for batch in tqdm(
+                mine, desc=f"record ({token_scope})", unit="batch", disable=not progress or rank
+            ):
+                input_ids, attention, scope = pad_batch([encoded[i] for i in batch], token_scope, pad_id)
+                recorder.set_batch(scope, group_of[batch] if batch else torch.zeros(1, dtype=torch.long))
+                model(
+                    input_ids=input_ids.to(recorder.device, non_blocking=True),
+                    attention_mask=attention.to(recorder.device, non_blocking=True),
+                    use_cache=False,
+                )
+    except Exception as err:
+        if world == 1:
+            raise
+        # The other ranks are blocked in a collective that this rank will never join. Raising ends
+        # this process; the launcher (torchrun, accelerate) then stops every rank of the job.
+        raise RuntimeError(
+            f"sparcom probe failed on rank {rank} of {world}: {type(err).__name__}: {err}"
+        ) from err
     counts = recorder.counts
     checksums = recorder.checksums
     if world > 1:

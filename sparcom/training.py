@@ -90,6 +90,13 @@ def configure_wandb(mode: str, project: str, run_dir: Path, group: str | None, n
     return mode
 
 
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run. The trainer writes ``trainer_state.json`` last, so a
+    checkpoint folder without it was cut short (a killed job) and is passed over."""
+    complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
 def finish_wandb() -> None:
     """Close this process's W&B run, if any; a failure to close is a warning, never an error."""
     try:
