@@ -117,7 +117,7 @@ def test_snapshots_of_different_models_are_refused(run, tmp_path):
     model, tokenizer = load_model("tiny-llama")
     sparcom.record(model, tokenizer, per_category(4), progress=False).save(llama)
     moe = snapshot_series(run / "snapshots")[0]
-    done = analyze(f"base={llama}", f"tuned={moe}", f"out={tmp_path / 'x'}", expect=1)
+    done = analyze(f"base={llama}", f"tuned={moe}", f"out={tmp_path / 'x'}", expect=2)
     assert "different model family" in done.stderr and "'llama'" in done.stderr
 
 
