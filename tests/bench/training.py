@@ -90,9 +90,9 @@ def report(models: dict, rounds: int, bare_forward) -> dict:
     results = {}
     for name, (preset, overrides) in models.items():
         without, with_ = [], []
-        for _ in range(rounds):  # alternate, so drift in machine speed hits both alike
-            without += step_seconds(preset, overrides, False, 12)
-            with_ += step_seconds(preset, overrides, True, 12)
+        for round_ in range(rounds):  # ABBA order, so drift in machine speed hits both alike
+            for attached in (False, True) if round_ % 2 == 0 else (True, False):
+                (with_ if attached else without).extend(step_seconds(preset, overrides, attached, 20))
         throughput = statistics.median(without) / statistics.median(with_)
         snapshot, forward = snapshot_vs_forward(preset, overrides, rounds, bare_forward)
         results[name] = {"throughput_ratio": throughput, "snapshot_s": snapshot, "probe_forward_s": forward}
