@@ -65,6 +65,28 @@ def sft_dataset(records: Sequence[Record], tokenizer, max_length: int | None):
     )
 
 
+def collate_sft(rows: list[dict], pad_id: int = 0) -> dict:
+    """Batch ``sft_dataset`` rows for a plain transformers ``Trainer``: right-padded ``[B, L]``
+    ``input_ids`` and ``attention_mask``, and ``labels`` that score the response tokens only.
+    (Give the Trainer ``remove_unused_columns=False``, or it drops ``completion_mask`` first.)"""
+    import torch
+
+    if rows and "completion_mask" not in rows[0]:
+        raise KeyError(
+            "rows have no 'completion_mask': pass remove_unused_columns=False to TrainingArguments"
+        )
+    length = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    labels = torch.full((len(rows), length), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        attention[i, :n] = 1
+        labels[i, :n] = input_ids[i, :n].masked_fill(~torch.tensor(row["completion_mask"]).bool(), -100)
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
 def configure_wandb(mode: str, project: str, run_dir: Path, group: str | None, name: str | None,
                     entity: str | None) -> str:  # fmt: skip
     """Set W&B's environment for this run; returns the effective mode.

@@ -3,28 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import Trainer, TrainingArguments
 
 from callbacks import SparcomCallback
 from sparcom.models import load_model
 from sparcom.snapshot import snapshot_series
-from sparcom.training import sft_dataset
+from sparcom.training import collate_sft, sft_dataset
 
 from conftest import per_category
-
-
-def collate(rows):
-    length = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    labels = torch.full((len(rows), length), -100)
-    attention = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r["input_ids"])
-        ids[i, :n] = torch.tensor(r["input_ids"])
-        attention[i, :n] = 1
-        labels[i, :n] = torch.where(torch.tensor(r["completion_mask"]).bool(), ids[i, :n], -100)
-    return {"input_ids": ids, "attention_mask": attention, "labels": labels}
 
 
 @pytest.mark.slow
@@ -37,7 +23,7 @@ def test_callback_in_a_plain_trainer(tmp_path):
         model=model,
         args=args,
         train_dataset=sft_dataset(per_category(4), tokenizer, 256),
-        data_collator=collate,
+        data_collator=collate_sft,
     )
     callback = SparcomCallback(tokenizer, per_category(2), epsilons=[0.5], log_figures=False)
     trainer.add_callback(callback)

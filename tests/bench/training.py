@@ -9,13 +9,12 @@ import tempfile
 import time
 from types import SimpleNamespace
 
-import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from callbacks import SparcomCallback
 from sparcom.data import load_records
 from sparcom.models import build_tiny
-from sparcom.training import probe_set, sft_dataset
+from sparcom.training import collate_sft, probe_set, sft_dataset
 
 PROBE_PER_CATEGORY = 20
 
@@ -31,25 +30,16 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def _collate(rows):
-    length = max(len(r["input_ids"]) for r in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, : len(r["input_ids"])] = torch.tensor(r["input_ids"])
-        attention[i, : len(r["input_ids"])] = 1
-    return {"input_ids": ids, "attention_mask": attention, "labels": ids.masked_fill(attention == 0, -100)}
-
-
 def step_seconds(preset: str, overrides: dict, with_callback: bool, steps: int) -> list[float]:
     model, tokenizer = build_tiny(preset, **overrides)
     records = load_records()
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=8, report_to=[],
-                                 use_cpu=True, save_strategy="no", logging_steps=10**6, disable_tqdm=True)  # fmt: skip
+                                 use_cpu=True, save_strategy="no", logging_steps=10**6, disable_tqdm=True,
+                                 remove_unused_columns=False)  # fmt: skip
         trainer = Trainer(model=model, args=args, train_dataset=sft_dataset(records, tokenizer, 256),
-                          data_collator=_collate, callbacks=[timer])  # fmt: skip
+                          data_collator=collate_sft, callbacks=[timer])  # fmt: skip
         if with_callback:
             trainer.add_callback(
                 SparcomCallback(tokenizer, probe_set(records, 4), snapshot_dir=out + "/snapshots")
@@ -90,7 +80,7 @@ def report(models: dict, rounds: int, bare_forward) -> dict:
     results = {}
     for name, (preset, overrides) in models.items():
         without, with_ = [], []
-        for round_ in range(rounds):  # ABBA order, so drift in machine speed hits both alike
+        for round_ in range(2 * ((rounds + 1) // 2)):  # ABBA order: drift in machine speed hits both alike
             for attached in (False, True) if round_ % 2 == 0 else (True, False):
                 (with_ if attached else without).extend(step_seconds(preset, overrides, attached, 20))
         throughput = statistics.median(without) / statistics.median(with_)
