@@ -613,3 +613,10 @@ def test_reader_reports_a_deeply_nested_line(tmp_path: Path) -> None:
     numbered, errors = read_jsonl(path)
     assert [n for n, _ in numbered] == [1]
     assert [(e.line, e.message) for e in errors] == [(2, "malformed JSON: nested too deeply")]
+
+
+def test_exact_duplicate_is_reported_once(tmp_path: Path) -> None:
+    rows = records()
+    rows[5]["instruction"], rows[5]["input"] = rows[4]["instruction"], rows[4]["input"]
+    _, errors = validate_file(write(tmp_path / "dup.jsonl", rows), run_code=False)
+    assert [(e.line, e.message) for e in errors] == [(6, "duplicate instruction (same as line 5)")]

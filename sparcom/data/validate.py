@@ -44,10 +44,12 @@ def duplicate_problems(numbered: list[tuple[int, Record]]) -> list[tuple[int, st
     """
     problems: list[tuple[int, str]] = []
     first_line: dict[str, int] = {}
+    exact: set[int] = set()  # lines already reported as exact duplicates: one report per line
     for number, record in numbered:
         key = normalise(record["instruction"])
         if key in first_line:
             problems.append((number, f"duplicate instruction (same as line {first_line[key]})"))
+            exact.add(number)
         else:
             first_line[key] = number
     shingles = [word_bigrams(r["instruction"] + " " + r["input"]) for _, r in numbered]
@@ -56,7 +58,7 @@ def duplicate_problems(numbered: list[tuple[int, Record]]) -> list[tuple[int, st
         shared = Counter(other for gram in grams for other in index[gram])
         for other, common in shared.items():
             union = len(grams) + len(shingles[other]) - common
-            if union and common / union >= NEAR_DUPLICATE_JACCARD:
+            if numbered[position][0] not in exact and union and common / union >= NEAR_DUPLICATE_JACCARD:
                 problems.append(
                     (
                         numbered[position][0],

@@ -79,16 +79,24 @@ def report(models: dict, rounds: int, bare_forward) -> dict:
     """``bare_forward(model, tokenizer, records)``: the floor the recorder benchmark uses too."""
     results = {}
     for name, (preset, overrides) in models.items():
-        without, with_ = [], []
-        for round_ in range(2 * ((rounds + 1) // 2)):  # ABBA order: drift in machine speed hits both alike
+        without, with_, halves = [], [], ([], [])
+        rounds_ = 2 * ((rounds + 1) // 2)
+        for round_ in range(rounds_):  # ABBA order: drift in machine speed hits both alike
             for attached in (False, True) if round_ % 2 == 0 else (True, False):
-                (with_ if attached else without).extend(step_seconds(preset, overrides, attached, 20))
+                seconds = step_seconds(preset, overrides, attached, 20)
+                (with_ if attached else without).extend(seconds)
+                if not attached:
+                    halves[round_ >= rounds_ // 2].extend(seconds)
         throughput = statistics.median(without) / statistics.median(with_)
+        # The same configuration against itself: how far apart two identical arms land on this machine.
+        noise = statistics.median(halves[0]) / statistics.median(halves[1])
         snapshot, forward = snapshot_vs_forward(preset, overrides, rounds, bare_forward)
-        results[name] = {"throughput_ratio": throughput, "snapshot_s": snapshot, "probe_forward_s": forward}
+        results[name] = {"throughput_ratio": throughput, "a_a_ratio": noise, "snapshot_s": snapshot,
+                         "probe_forward_s": forward}  # fmt: skip
         print(f"\n{name} training: median step {statistics.median(without) * 1e3:.0f} ms without the callback, "
               f"{statistics.median(with_) * 1e3:.0f} ms with it")  # fmt: skip
-        print(f"  throughput with / without     = {throughput:.3f}x  (target >= 0.98)")
+        print(f"  throughput with / without     = {throughput:.3f}x  (target >= 0.98; "
+              f"A/A noise floor, without vs without: {noise:.3f}x)")  # fmt: skip
         print(
             f"  one snapshot / probe forward  = {snapshot / forward:.3f}x  (target <= 1.2; {snapshot:.2f}s vs {forward:.2f}s)"
         )
