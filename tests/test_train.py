@@ -126,3 +126,13 @@ def test_learning_rate_sweep_runs_grouped(tmp_path):
                 groups.add(record.run.run_group)
         assert snapshot_series(sweeps[0] / job / "snapshots")
     assert groups == {sweeps[0].name}
+
+
+@pytest.mark.slow
+def test_lora_run_records_the_adapted_model(tmp_path):
+    run = tmp_path / "run"
+    train(tmp_path, *SMOKE, "trainer=lora", "logger=disabled", f"hydra.run.dir={run}")
+    rows = drift_rows(run)
+    assert [row["step"] for row in rows] == [0, 3, 6]
+    assert rows[-1]["sparcom/isn_jaccard/base/eps=0.5/mean"] < 1.0  # the adapters moved the ISNs
+    assert (run / "checkpoint-6" / "adapter_config.json").is_file()
