@@ -12,7 +12,6 @@ import json
 from pathlib import Path
 
 import hydra
-import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -39,24 +38,17 @@ def model_spec(spec: str) -> dict:
     return {"name_or_path": spec, "dtype": None, "chat_template_from": None}
 
 
-def default_dtype(dtype: str | None) -> str:
-    return dtype or ("bfloat16" if torch.cuda.is_available() else "float32")
-
-
 def snapshot_of(spec: str, cfg: DictConfig, records: list[dict]):
     """A snapshot from a file, or recorded now from a model; returns (snapshot, model spec or None)."""
-    from sparcom.models import load_model
     from sparcom.probe import record
+    from sparcom.report_builder import load_for_analysis
     from sparcom.snapshot import Snapshot
     from sparcom.training import probe_set
 
     if str(spec).endswith(".safetensors"):
         return Snapshot.load(spec), None
     loaded = model_spec(spec)
-    model, tokenizer = load_model(loaded["name_or_path"], default_dtype(cfg.dtype or loaded.get("dtype")),
-                                  loaded.get("chat_template_from"))  # fmt: skip
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model, tokenizer = load_for_analysis(loaded, cfg.dtype)
     probe = probe_set(records, cfg.probe.per_category, cfg.probe.seed)
     snapshot = record(model, tokenizer, probe, token_scope=cfg.token_scope, batch_size=cfg.probe.batch_size,
                       per_instruction=cfg.probe.per_instruction)  # fmt: skip

@@ -10,10 +10,11 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from sparcom.analysis import layer_profiles
 from sparcom.drift import drift_metrics
-from sparcom.metrics import layer_profile, overlap_matrix
+from sparcom.metrics import overlap_matrix
 from sparcom.probe import record
-from sparcom.select import SELECTION_MODES, category_isn, check_epsilon
+from sparcom.select import SELECTION_MODES, check_epsilon
 from sparcom.snapshot import SNAPSHOT_NAME, Snapshot, snapshot_series
 
 
@@ -187,10 +188,7 @@ class SparcomCallback(TrainerCallback):
         epsilon = self.epsilons[0]
         figures = self.snapshot_dir / "figures"
         figures.mkdir(exist_ok=True)
-        profiles = {
-            c: layer_profile(category_isn(snapshot, c, epsilon, self.selection_mode), snapshot.site_layers)
-            for c in snapshot.categories
-        }
+        profiles = layer_profiles(snapshot, epsilon, self.selection_mode)
         images = {
             "sparcom/layer_profile": wandb.Image(
                 str(

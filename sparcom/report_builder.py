@@ -36,6 +36,18 @@ def run_inputs(run: Path) -> dict:
     }
 
 
+def load_for_analysis(spec: dict, dtype: str | None = None):
+    """``(model, tokenizer)`` of a model spec, on the GPU when there is one. ``dtype`` (the
+    command line's) wins over the spec's; with neither, bfloat16 on a GPU and float32 on CPU."""
+    import torch
+
+    from sparcom.models import load_model
+
+    dtype = dtype or spec.get("dtype") or ("bfloat16" if torch.cuda.is_available() else "float32")
+    model, tokenizer = load_model(spec["name_or_path"], dtype, spec.get("chat_template_from"))
+    return (model.cuda() if torch.cuda.is_available() else model), tokenizer
+
+
 def _tokenizer(spec, snapshot: Snapshot):
     from sparcom.models import load_tokenizer
 
@@ -162,19 +174,13 @@ def _drift_section(series: dict[int, Path], base: Snapshot, epsilons, mode, figu
 def ablation_report(cfg, out: Path, records: list[dict], snapshot: Snapshot, model_spec: dict | None) -> Path:
     """Zero each category's ISNs (and, as a control, as many random neurons from the same sites) and
     report the change in response loss on every category."""
-    import torch
-
-    from sparcom.models import load_model
     from sparcom.training import probe_set
 
     if model_spec is None:
         raise ValueError(
             "mode=ablate needs a model (a run folder, preset, path or hub id), not only a snapshot"
         )
-    model, tokenizer = load_model(model_spec["name_or_path"], model_spec.get("dtype") or cfg.dtype or "float32",
-                                  model_spec.get("chat_template_from"))  # fmt: skip
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model, tokenizer = load_for_analysis(model_spec, cfg.dtype)
     seen = set(snapshot.instruction_ids)
     held_out = [r for r in records if r["id"] not in seen]
     per_category = {c: sum(r["category"] == c for r in held_out) for c in snapshot.categories}
