@@ -70,6 +70,7 @@ class SparcomCallback(TrainerCallback):
         self.previous: Snapshot | None = None
         self.last_step: int | None = None
         self.table_rows: list[list] = []
+        self._row_steps: set[int] = set()  # steps that have their row in drift.jsonl
         # Figures (overlap matrix, layer profile) are drawn off the training thread.
         self._figure_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparcom-figures")
         self._pending: list[Future] = []
@@ -82,12 +83,38 @@ class SparcomCallback(TrainerCallback):
         if series:  # a resumed run: continue the series that is on disk
             self.base = Snapshot.load(next(iter(series.values())))
             earlier = [step for step in series if step <= state.global_step]
+            if state.is_world_process_zero:
+                self._complete_drift_rows(series, earlier)
             if earlier:
                 self.previous = Snapshot.load(series[earlier[-1]])
                 self.last_step = earlier[-1]
             if self.last_step == state.global_step:
                 return
         self._snapshot(args, state, model)
+
+    def _complete_drift_rows(self, series: dict[int, Path], steps: list[int]) -> None:
+        """A killed run can end between a snapshot's rename and its drift.jsonl row, or halfway
+        through a row. Keep the whole rows, and recompute the missing ones from the snapshots."""
+        path = self.snapshot_dir / "drift.jsonl"
+        rows = []
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a torn last line
+        present = {row["step"] for row in rows}
+        previous = None
+        for step in steps:
+            snapshot = Snapshot.load(series[step])
+            if step not in present:
+                rows.append({"step": step, **self._drift(snapshot, previous)})
+            previous = snapshot
+        rows.sort(key=lambda row: row["step"])
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+        temporary.replace(path)
+        self._row_steps = {row["step"] for row in rows}
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.record_on_save:
@@ -126,8 +153,7 @@ class SparcomCallback(TrainerCallback):
         self.last_step = step
         if state.is_world_process_zero:
             path = self.snapshot_dir / SNAPSHOT_NAME.format(step=step)
-            repeated = path.exists()  # a resumed run passing a step that a killed attempt finished
-            if repeated:
+            if path.exists():  # a resumed run passing a step that a killed attempt finished
                 warnings.warn(
                     f"{path} exists from an earlier attempt; keeping it, not overwriting", stacklevel=2
                 )
@@ -135,16 +161,21 @@ class SparcomCallback(TrainerCallback):
                 snapshot.save(path)
             if self.base is None:
                 self.base = snapshot
-            self._log(step, snapshot, write_row=not repeated)
+            self._log(step, snapshot)
         self.previous = snapshot
 
-    def _log(self, step: int, snapshot: Snapshot, write_row: bool = True) -> None:
+    def _drift(self, snapshot: Snapshot, previous: Snapshot | None) -> dict[str, float]:
         metrics = drift_metrics(self.base, snapshot, self.epsilons, self.selection_mode, "base")
-        if self.previous is not None:
-            metrics |= drift_metrics(self.previous, snapshot, self.epsilons, self.selection_mode, "prev")
-        if write_row:
+        if previous is not None:
+            metrics |= drift_metrics(previous, snapshot, self.epsilons, self.selection_mode, "prev")
+        return metrics
+
+    def _log(self, step: int, snapshot: Snapshot) -> None:
+        metrics = self._drift(snapshot, self.previous)
+        if step not in self._row_steps:
             with open(self.snapshot_dir / "drift.jsonl", "a", encoding="utf-8") as handle:
                 handle.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._row_steps.add(step)
         for category in snapshot.categories:
             for epsilon in self.epsilons:
                 key = f"eps={epsilon:g}/{category}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -189,3 +190,36 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
     assert done.returncode != 0
     assert "sparcom probe failed on rank 1 of 2: RuntimeError: simulated device failure" in done.stderr
     assert time.perf_counter() - started < 120
+
+
+@pytest.mark.slow
+def test_resume_restores_a_drift_row_a_kill_cut_off(tmp_path):
+    """The narrowest kill window: after a snapshot's rename, before (or halfway through) its
+    drift.jsonl row. Resuming recomputes the row from the snapshots on disk."""
+    from sparcom.drift import drift_metrics
+
+    run = tmp_path / "run"
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "experiment=smoke",
+        "logger=disabled",
+        f"hydra.run.dir={run}",
+    ]
+    assert (
+        subprocess.run([*command, "trainer.args.max_steps=3"], capture_output=True, timeout=400).returncode
+        == 0
+    )
+    drift = run / "snapshots" / "drift.jsonl"
+    lines = drift.read_text().splitlines()
+    drift.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # row 3 torn mid-write
+    done = subprocess.run([*command, "trainer.args.max_steps=6", "resume=true"], capture_output=True, text=True,
+                          timeout=400)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in drift.read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 3, 6]
+    series = snapshot_series(run / "snapshots")
+    expected = drift_metrics(
+        Snapshot.load(series[0]), Snapshot.load(series[3]), [0.3, 0.5, 0.7], "threshold", "base"
+    )
+    assert all(rows[1][key] == pytest.approx(value, abs=1e-12) for key, value in expected.items())
