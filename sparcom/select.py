@@ -54,6 +54,105 @@ def _top_fraction(values: torch.Tensor, fraction: float) -> torch.Tensor:
     return chosen
 
 
+# ------------------------------------------------------------ selection from counts, site by site
+#
+# The streaming form of ``isn``: rows of integer firing counts (one row per instruction, per
+# category, or per resample) with each row's counted tokens, one site at a time, so that no
+# analysis ever holds every site's sets at once. It selects exactly what ``isn`` selects from
+# the frequencies ``count / max(T, 1)``.
+
+
+def threshold_count(epsilon: float, totals: torch.Tensor) -> torch.Tensor:
+    """``[R]`` the smallest count ``c`` with ``c / max(T, 1) >= epsilon`` in float64, per row total ``T``.
+
+    Comparing counts with it selects exactly what comparing float64 frequencies with ``epsilon``
+    selects, and works on any integer dtype (no frequency tensor is built).
+    """
+    check_epsilon(epsilon)
+    totals = totals.double().clamp(min=1)
+    count = torch.ceil(epsilon * totals)
+    count = torch.where((count - 1) / totals >= epsilon, count - 1, count)  # ceil rounded up
+    return torch.where(count / totals < epsilon, count + 1, count)  # ceil rounded down
+
+
+def top_fraction_rows(counts: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``[R, n]`` counts -> ``[R, n]`` bool: the top ``ceil(fraction * n)`` of each row, ties by position."""
+    rows, width = counts.shape
+    keep = min(width, math.ceil(fraction * width))
+    order = torch.sort(-counts.double(), dim=1, stable=True).indices[:, :keep]
+    chosen = torch.zeros(rows, width, dtype=torch.bool)
+    return chosen.scatter_(1, order, True)
+
+
+class GlobalTopFraction:
+    """Exact ``percentile_global`` selection over sites that arrive one at a time.
+
+    Two passes over the same sites in the same order: ``observe`` every site's ``[R, n]`` counts
+    (a histogram of count values per row), then ``select`` them. Row ``r`` keeps the top
+    ``ceil(fraction * total)`` counts over all sites, ties broken by position (site order, then
+    index), as ``isn(..., mode="percentile_global")`` does on the concatenated frequencies.
+    """
+
+    def __init__(self, fraction: float, rows: int, total: int):
+        check_epsilon(fraction)
+        self.keep = min(total, math.ceil(fraction * total))
+        self.rows = rows
+        self.histogram = torch.zeros(rows, 1, dtype=torch.int64)
+        self._cutoff: torch.Tensor | None = None
+
+    def observe(self, counts: torch.Tensor) -> None:
+        values = counts.reshape(self.rows, -1).long()
+        width = max(int(values.max()) + 1 if values.numel() else 1, self.histogram.shape[1])
+        if width > self.histogram.shape[1]:
+            grown = torch.zeros(self.rows, width, dtype=torch.int64)
+            grown[:, : self.histogram.shape[1]] = self.histogram
+            self.histogram = grown
+        self.histogram.scatter_add_(1, values, torch.ones_like(values))
+
+    def _finish(self) -> None:
+        # at_least[r, v]: how many counts of row r are >= v (a trailing 0 column for v = max + 1).
+        at_least = torch.cat(
+            [self.histogram.flip(1).cumsum(1).flip(1), torch.zeros(self.rows, 1, dtype=torch.int64)], 1
+        )
+        # The cutoff is the largest value v with at_least >= keep (v = 0 always qualifies).
+        values = torch.arange(at_least.shape[1])
+        self._cutoff = torch.where(at_least >= self.keep, values, 0).amax(1)
+        above = at_least.gather(1, self._cutoff[:, None] + 1)[:, 0]
+        self._quota = self.keep - above  # ties to take at the cutoff, in position order
+        self._taken = torch.zeros(self.rows, dtype=torch.int64)
+
+    def select(self, counts: torch.Tensor) -> torch.Tensor:
+        """``[R, *shape]`` counts of the next site (in observe order) -> bool of the same shape."""
+        if self._cutoff is None:
+            self._finish()
+        values = counts.reshape(self.rows, -1).long()
+        if self.keep == 0:
+            return torch.zeros(counts.shape, dtype=torch.bool)
+        cutoff = self._cutoff[:, None]
+        tied = values == cutoff
+        rank = tied.cumsum(1) + self._taken[:, None]  # 1-based, over every site seen so far
+        chosen = (values > cutoff) | (tied & (rank <= self._quota[:, None]))
+        self._taken += tied.sum(1)
+        return chosen.reshape(counts.shape)
+
+
+def select_rows(counts: torch.Tensor, totals: torch.Tensor, epsilon: float, mode: str) -> torch.Tensor:
+    """``[R, *shape]`` counts of one site, ``[R]`` counted tokens -> ``[R, *shape]`` bool ISNs.
+
+    For ``threshold`` and ``percentile_layer``; ``percentile_global`` spans sites and needs a
+    ``GlobalTopFraction``.
+    """
+    if mode == "threshold":
+        bound = threshold_count(epsilon, totals).to(torch.float64)
+        return counts.double() >= bound.reshape(-1, *[1] * (counts.dim() - 1))
+    if mode == "percentile_layer":
+        check_epsilon(epsilon)
+        return top_fraction_rows(counts.reshape(counts.shape[0], -1), epsilon).reshape(counts.shape)
+    if mode == "percentile_global":
+        raise ValueError("percentile_global spans all sites: use GlobalTopFraction")
+    raise ValueError(f"unknown selection mode {mode!r}; expected one of {list(SELECTION_MODES)}")
+
+
 def neuron_frequency(frequency: dict[str, torch.Tensor], kinds: dict[str, str]) -> dict[str, torch.Tensor]:
     """Only the neuron sites (FFN and routed-expert neurons) of a frequency dict."""
     return {s: p for s, p in frequency.items() if kinds[s] in NEURON_KINDS}

@@ -15,7 +15,7 @@ from sparcom.metrics import (
     pairwise_jaccard,
     pearson,
 )
-from sparcom.select import ise, isn
+from sparcom.select import GlobalTopFraction, ise, isn, select_rows, threshold_count
 from sparcom.snapshot import Snapshot
 
 T, F = True, False
@@ -91,3 +91,39 @@ def test_general_unique_and_layer_profile():
     assert unique["code"]["l0"].tolist() == [F, T, F] and unique["code"]["l1"].tolist() == [T, F]
     assert unique["math"]["l0"].tolist() == [F, F, T]
     assert layer_profile(sets["code"], {"l0": 0, "l1": 1}) == [2, 1]
+
+
+@pytest.mark.parametrize("mode", ["threshold", "percentile_layer", "percentile_global"])
+def test_selection_from_counts_site_by_site_equals_selection_from_frequencies(mode):
+    """Random integer counts with many ties, empty rows and zero totals: the streaming selection
+    picks exactly what ``isn`` picks from the float64 frequencies of the concatenated sites."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        rows = 3
+        sites = {
+            f"s{i}": torch.randint(
+                0, 6, (rows, int(torch.randint(1, 7, (1,), generator=generator))), generator=generator
+            )
+            for i in range(3)
+        }
+        totals = torch.randint(0, 8, (rows,), generator=generator)
+        epsilon = [0.01, 0.1, 0.25, 1 / 3, 0.5, 0.7, 1.0, 0.05][trial % 8]
+        if mode == "percentile_global":
+            selector = GlobalTopFraction(epsilon, rows, sum(c.shape[1] for c in sites.values()))
+            for counts in sites.values():
+                selector.observe(counts)
+            chosen = {s: selector.select(c) for s, c in sites.items()}
+        else:
+            chosen = {s: select_rows(c, totals, epsilon, mode) for s, c in sites.items()}
+        for r in range(rows):
+            frequency = {s: c[r].double() / max(int(totals[r]), 1) for s, c in sites.items()}
+            expected = isn(frequency, epsilon, mode)
+            assert all(torch.equal(expected[s], chosen[s][r]) for s in sites), (trial, r)
+
+
+def test_threshold_count_is_the_exact_integer_bound():
+    for total in range(0, 3000):
+        bounds = threshold_count(0.1, torch.tensor([total])), threshold_count(1 / 3, torch.tensor([total]))
+        for epsilon, bound in zip((0.1, 1 / 3), bounds, strict=True):
+            c, t = int(bound[0]), max(total, 1)
+            assert c / t >= epsilon and (c - 1) / t < epsilon
