@@ -158,7 +158,7 @@ def diagonal_dominance(
 # ---------------------------------------------------------------------- token-overlap control
 
 _DEGREE = 3  # token similarity enters as a cubic, so a curved ISN-token relation is not mistaken for category
-_PAIR_BATCH_VALUES = 1 << 23  # permuted pair values held at once (64 MB of float64)
+_PERMUTED_VALUES = 1 << 23  # permuted matrix entries held at once (64 MB of float64)
 
 
 def _token_basis(token: torch.Tensor) -> torch.Tensor:
@@ -169,13 +169,12 @@ def _token_basis(token: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(torch.stack([scaled**d for d in range(degree + 1)], 1)).Q
 
 
-def _t_statistic(regressor: torch.Tensor, response: torch.Tensor, dof: int) -> torch.Tensor:
-    """OLS t of ``regressor`` (``[..., n]``, already orthogonal to the token basis) for ``response``
-    (``[n]``, likewise residualised)."""
-    norm = (regressor * regressor).sum(-1)
-    slope = (regressor * response).sum(-1) / norm
-    residual = (response * response).sum() - slope * slope * norm
-    return slope / torch.sqrt(residual.clamp(min=1e-300) / dof / norm)
+def _t_statistic(along_response: torch.Tensor, norm: torch.Tensor, response_norm: torch.Tensor, dof: int):
+    """OLS t of a regressor orthogonal to the token basis, from its inner product with the
+    (likewise residualised) response, its squared norm and the response's squared norm."""
+    slope = along_response / norm
+    residual = (response_norm - slope * slope * norm).clamp(min=1e-300)
+    return slope / torch.sqrt(residual / dof / norm)
 
 
 def token_control(
@@ -227,20 +226,33 @@ def token_control(
 
     response = residual(isn_similarity.double()[upper[0], upper[1]])
     indicator = residual(same)
-    effect = float((indicator @ response) / (indicator @ indicator))
-    observed = _t_statistic(indicator, response, dof)
-    matrix = torch.zeros(size, size, dtype=torch.float64)
-    matrix[upper[0], upper[1]] = indicator
-    matrix = matrix + matrix.T
+    norm, response_norm = indicator @ indicator, response @ response
+    effect = float((indicator @ response) / norm)
+    observed = _t_statistic(indicator @ response, norm, response_norm, dof)
+
+    def square(values: torch.Tensor) -> torch.Tensor:  # pair values -> symmetric [N, N], zero diagonal
+        matrix = torch.zeros(size, size, dtype=torch.float64)
+        matrix[upper[0], upper[1]] = values
+        return matrix + matrix.T
+
+    # A permutation moves the residual indicator between pairs, so its squared norm stays; the t
+    # statistic needs only its inner products with the response and with the token basis (what it
+    # regains there is no longer orthogonal to it): one matrix product per batch of permutations.
+    indicator_matrix = square(indicator)
+    targets = torch.stack([square(response), *(square(column) for column in basis.T)]).reshape(
+        len(basis.T) + 1, -1
+    )
+    targets = targets.T / 2  # [N * N, 1 + k]: each pair appears twice in a full matrix
     generator = torch.Generator().manual_seed(seed)
-    order = torch.arange(size)
     null = []
-    batch = max(1, _PAIR_BATCH_VALUES // same.numel())
+    batch = max(1, _PERMUTED_VALUES // (size * size))
     for start in range(0, permutations, batch):
         count = min(batch, permutations - start)
-        shuffled = order[torch.argsort(torch.rand(count, size, generator=generator), dim=1)]
-        permuted = matrix[shuffled[:, upper[0]], shuffled[:, upper[1]]]  # [B, pairs]
-        null.append(_t_statistic(residual(permuted), response, dof))
+        shuffled = torch.argsort(torch.rand(count, size, generator=generator), dim=1)
+        permuted = torch.stack([indicator_matrix.index_select(0, p).index_select(1, p) for p in shuffled])
+        products = permuted.reshape(count, -1) @ targets
+        along_basis = (products[:, 1:] ** 2).sum(1)
+        null.append(_t_statistic(products[:, 0], norm - along_basis, response_norm, dof))
     p_value = float(permutation_p_value(observed, torch.cat(null)))
     survives = p_value < alpha
     verdict = (

@@ -52,7 +52,8 @@ class PairedBootstrap:
     isn_jaccard: category -> epsilon -> Jaccard of base and tuned ISN sets, with its interval.
     ise_pearson: category -> Pearson of base and tuned expert frequencies ``q`` over all router
         sites, with its interval (empty for dense models).
-    layer_phases: "base" | "tuned" -> category -> epsilon -> three-phase test of its layer profile.
+    layer_phases: "base" | "tuned" -> category -> epsilon -> three-phase test of its layer profile
+        (empty for models of fewer than 3 layers).
     """
 
     isn_jaccard: dict[str, dict[float, Estimate]]
@@ -310,13 +311,15 @@ def _profiles(result: PassResult, num_layers: int) -> torch.Tensor:
 
 
 def _phase_tests(result: PassResult, snapshot: Snapshot, k: int, epsilons: Sequence[float]):
-    num_layers = max(snapshot.site_layers.values()) + 1
-    layer_thirds(num_layers)  # refuses fewer than 3 layers before any work is reported
-    profiles = _profiles(result, num_layers)[k]  # [C, E, R, L]
+    profiles = _profiles(result, _num_layers(snapshot))[k]  # [C, E, R, L]
     return {
         c: {epsilon: phase_test(profiles[i, e]) for e, epsilon in enumerate(epsilons)}
         for i, c in enumerate(snapshot.categories)
     }
+
+
+def _num_layers(snapshot: Snapshot) -> int:
+    return max(snapshot.site_layers.values()) + 1
 
 
 def _category_sizes(snapshot: Snapshot) -> dict[str, int]:
@@ -365,7 +368,9 @@ def paired_bootstrap(
         )
         pearson = pearson.reshape(len(base.categories), -1)
         ise_pearson = {c: estimate(pearson[i]) for i, c in enumerate(base.categories)}
-    phases = {name: _phase_tests(result, base, k, epsilons) for k, name in enumerate(names)}
+    phases = {}
+    if _num_layers(base) >= 3:
+        phases = {name: _phase_tests(result, base, k, epsilons) for k, name in enumerate(names)}
     return PairedBootstrap(isn_jaccard, ise_pearson, phases)
 
 
@@ -379,7 +384,7 @@ def layer_phase_tests(
     """Category -> epsilon -> three-phase test of the snapshot's layer profile (ISN count per layer),
     with a bootstrap interval of the margin (instructions resampled as in ``paired_bootstrap``)."""
     epsilons = _check_arguments(epsilons, mode, resamples=resamples)
-    layer_thirds(max(snapshot.site_layers.values()) + 1)
+    layer_thirds(_num_layers(snapshot))  # refuses fewer than 3 layers before the pass
     weights = _bootstrap_weights(_category_sizes(snapshot), resamples, torch.Generator().manual_seed(seed))
     result = resample_pass([snapshot], weights, epsilons, mode, names=["given"])
     return _phase_tests(result, snapshot, 0, epsilons)

@@ -105,6 +105,7 @@ class GlobalTopFraction:
         self.rows = rows
         self.total = total
         self.histogram = torch.zeros(rows, 1, dtype=torch.int64)
+        self._at_least: torch.Tensor | None = None
         self._cutoff: torch.Tensor | None = None
 
     def observe(self, counts: torch.Tensor) -> None:
@@ -118,19 +119,25 @@ class GlobalTopFraction:
 
     def with_fraction(self, fraction: float) -> GlobalTopFraction:
         """A selector for another fraction over the counts observed so far: an epsilon sweep observes
-        every site once and shares the histogram (``observe`` no longer applies to either)."""
+        every site once and shares one histogram (``observe`` no longer applies to either)."""
         other = GlobalTopFraction(fraction, self.rows, self.total)
-        other.histogram = self.histogram
+        other.histogram, other._at_least = None, self._counts_at_least()
         return other
 
+    def _counts_at_least(self) -> torch.Tensor:
+        """``at_least[r, v]``: how many counts of row r are >= v (a trailing 0 column for v = max + 1).
+        It replaces the histogram (the largest tensor here), which is dropped once observing is over."""
+        if self._at_least is None:
+            suffix = self.histogram.sum(1, keepdim=True) - self.histogram.cumsum(1) + self.histogram
+            self.histogram = None
+            self._at_least = torch.cat([suffix, torch.zeros(self.rows, 1, dtype=torch.int64)], 1)
+        return self._at_least
+
     def _finish(self) -> None:
-        # at_least[r, v]: how many counts of row r are >= v (a trailing 0 column for v = max + 1).
-        at_least = torch.cat(
-            [self.histogram.flip(1).cumsum(1).flip(1), torch.zeros(self.rows, 1, dtype=torch.int64)], 1
-        )
-        # The cutoff is the largest value v with at_least >= keep (v = 0 always qualifies).
-        values = torch.arange(at_least.shape[1])
-        self._cutoff = torch.where(at_least >= self.keep, values, 0).amax(1)
+        at_least = self._counts_at_least()
+        # The cutoff is the largest value v with at_least >= keep (v = 0 always qualifies); at_least
+        # falls as v grows, so that is how many values qualify, less one.
+        self._cutoff = (at_least >= self.keep).sum(1) - 1
         above = at_least.gather(1, self._cutoff[:, None] + 1)[:, 0]
         self._quota = self.keep - above  # ties to take at the cutoff, in position order
         self._taken = torch.zeros(self.rows, dtype=torch.int64)
