@@ -66,9 +66,10 @@ def holm(p_values: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(adjusted).scatter_(0, order, adjusted)
 
 
-def permutation_p_value(observed: torch.Tensor, null: torch.Tensor) -> torch.Tensor:
-    """``[...]`` observed statistics, ``[P, ...]`` null ones -> ``[...]`` one-sided (greater) p-values."""
-    tolerance = _TIE * observed.abs().clamp(min=1)
+def permutation_p_value(observed: torch.Tensor, null: torch.Tensor, tie: float = _TIE) -> torch.Tensor:
+    """``[...]`` observed statistics, ``[P, ...]`` null ones -> ``[...]`` one-sided (greater) p-values.
+    Null values within ``tie`` (relative) below the observed one count as reaching it."""
+    tolerance = tie * observed.abs().clamp(min=1)
     return (1 + (null >= observed - tolerance).sum(0)).double() / (1 + null.shape[0])
 
 
@@ -158,7 +159,8 @@ def diagonal_dominance(
 # ---------------------------------------------------------------------- token-overlap control
 
 _DEGREE = 3  # token similarity enters as a cubic, so a curved ISN-token relation is not mistaken for category
-_PERMUTED_VALUES = 1 << 23  # permuted matrix entries held at once (64 MB of float64)
+_PERMUTED_VALUES = 1 << 23  # permuted matrix entries held at once (32 MB of float32)
+_FLOAT32_TIE = 1e-5  # a null t computed in float32 this close to the observed one is a tie
 
 
 def _token_basis(token: torch.Tensor) -> torch.Tensor:
@@ -237,12 +239,13 @@ def token_control(
 
     # A permutation moves the residual indicator between pairs, so its squared norm stays; the t
     # statistic needs only its inner products with the response and with the token basis (what it
-    # regains there is no longer orthogonal to it): one matrix product per batch of permutations.
-    indicator_matrix = square(indicator)
+    # regains there is no longer orthogonal to it): one matrix product per batch of permutations,
+    # in float32, which halves the memory traffic that bounds it.
+    indicator_matrix = square(indicator).float()
     targets = torch.stack([square(response), *(square(column) for column in basis.T)]).reshape(
         len(basis.T) + 1, -1
     )
-    targets = targets.T / 2  # [N * N, 1 + k]: each pair appears twice in a full matrix
+    targets = (targets.T / 2).float()  # [N * N, 1 + k]: each pair appears twice in a full matrix
     generator = torch.Generator().manual_seed(seed)
     null = []
     batch = max(1, _PERMUTED_VALUES // (size * size))
@@ -250,10 +253,10 @@ def token_control(
         count = min(batch, permutations - start)
         shuffled = torch.argsort(torch.rand(count, size, generator=generator), dim=1)
         permuted = torch.stack([indicator_matrix.index_select(0, p).index_select(1, p) for p in shuffled])
-        products = permuted.reshape(count, -1) @ targets
+        products = (permuted.reshape(count, -1) @ targets).double()
         along_basis = (products[:, 1:] ** 2).sum(1)
         null.append(_t_statistic(products[:, 0], norm - along_basis, response_norm, dof))
-    p_value = float(permutation_p_value(observed, torch.cat(null)))
+    p_value = float(permutation_p_value(observed, torch.cat(null), tie=_FLOAT32_TIE))
     survives = p_value < alpha
     verdict = (
         f"Category specificity {'survives' if survives else 'does not survive'} the token-overlap control: "

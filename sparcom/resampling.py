@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 
@@ -94,7 +95,7 @@ def _check_arguments(epsilons: Sequence[float], mode: str, **counts: int) -> lis
     if mode not in SELECTION_MODES:
         raise ValueError(f"unknown selection mode {mode!r}; expected one of {list(SELECTION_MODES)}")
     for name, value in counts.items():
-        if not (isinstance(value, int) and value >= 1):
+        if isinstance(value, bool) or not (isinstance(value, Integral) and value >= 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return epsilons
 
@@ -114,12 +115,12 @@ def _aligned_rows(snapshots: Sequence[Snapshot], names: Sequence[str]) -> dict[s
     label_of = [dict(zip(s.instruction_ids, s.instruction_categories, strict=True)) for s in snapshots]
     for name, labels in zip(names[1:], label_of[1:], strict=True):
         if labels != label_of[0]:
-            missing = sorted(set(label_of[0]) ^ set(labels)) or sorted(
+            differ = sorted(set(label_of[0]) ^ set(labels)) or sorted(
                 i for i in labels if labels[i] != label_of[0][i]
             )
             raise SnapshotError(
                 f"the {names[0]} and {name} snapshots hold different instructions or categories "
-                f"({len(missing)} differ, e.g. {missing[:3]}); a paired resample needs the same ones"
+                f"({len(differ)} differ, e.g. {differ[:3]}); a paired resample needs the same ones"
             )
     index = [{i: row for row, i in enumerate(s.instruction_ids)} for s in snapshots]
     rows = {}

@@ -79,12 +79,9 @@ def chance_jaccard(sizes_a: Sequence[int], sizes_b: Sequence[int], site_sizes: S
         return 1.0
     windows, expected, spread = [], 0.0, 0
     for size_a, size_b, size in zip(a.tolist(), b.tolist(), n.tolist(), strict=True):
-        low, high = max(0, size_a + size_b - size), min(size_a, size_b)
-        mean = size_a * size_b / size
-        low, high = (
-            max(low, math.floor(mean - _reach(min(size_a, size_b)))),
-            min(high, math.ceil(mean + _reach(min(size_a, size_b)))),
-        )
+        mean, reach = size_a * size_b / max(size, 1), _reach(min(size_a, size_b))
+        low = max(0, size_a + size_b - size, math.floor(mean - reach))
+        high = min(size_a, size_b, math.ceil(mean + reach))
         windows.append((low, _hypergeometric_window(low, high, size_a, size_b, size)))
         expected, spread = expected + mean, spread + min(size_a, size_b)
     # The sum is as concentrated as its terms together (Hoeffding again), a far narrower window than
