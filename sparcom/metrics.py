@@ -1,5 +1,6 @@
-"""Metrics on ISN/ISE sets and frequencies: Jaccard, Pearson, the 6x6 overlap matrix,
-general and unique ISNs, and the layer profile. Pure functions: no I/O, no hooks."""
+"""Metrics on ISN/ISE sets and frequencies: Jaccard, Pearson, pairwise Jaccard and its category
+blocks, general and unique ISNs, and the layer profile. Pure functions on tensors: no snapshots,
+no I/O, no hooks (``sparcom.analysis`` applies them to snapshots, site by site)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sparcom.select import NeuronSet, category_isn, expert_frequency, flatten, instruction_isn
-from sparcom.snapshot import Snapshot
+from sparcom.select import NeuronSet, flatten
 
 
 def jaccard(a: NeuronSet, b: NeuronSet) -> float:
@@ -26,28 +26,6 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float("nan") if denominator == 0 else float((x * y).sum() / denominator)
 
 
-def isn_alteration(
-    base: Snapshot, tuned: Snapshot, epsilon: float, mode: str = "threshold"
-) -> dict[str, float]:
-    """Per category: Jaccard of the category's ISN sets in two snapshots (the paper's Table 1)."""
-    return {
-        c: jaccard(category_isn(base, c, epsilon, mode), category_isn(tuned, c, epsilon, mode))
-        for c in base.categories
-    }
-
-
-def ise_alteration(base: Snapshot, tuned: Snapshot) -> dict[str, float]:
-    """Per category: Pearson correlation of expert frequencies ``q`` over all layers and experts (Table 2).
-    Empty for dense models."""
-    out = {}
-    for category in base.categories:
-        q_base, q_tuned = expert_frequency(base, category), expert_frequency(tuned, category)
-        if q_base:
-            out[category] = pearson(torch.cat([q.flatten() for q in q_base.values()]),
-                                    torch.cat([q_tuned[s].flatten() for s in q_base]))  # fmt: skip
-    return out
-
-
 def pairwise_jaccard(vectors: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     """``[N, M]`` bool -> ``[N, N]`` Jaccard of every pair of rows (1.0 where both rows are empty).
 
@@ -61,19 +39,6 @@ def pairwise_jaccard(vectors: torch.Tensor, chunk: int = 1 << 20) -> torch.Tenso
     sizes = vectors.sum(dim=1, dtype=torch.float64)
     union = sizes[:, None] + sizes[None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
-
-
-def overlap_matrix(snapshot: Snapshot, epsilon: float, mode: str = "threshold") -> torch.Tensor:
-    """``[C, C]`` mean pairwise Jaccard of per-instruction ISN sets between categories.
-
-    Entry ``(a, b)`` averages over pairs (one instruction of ``a``, one of ``b``); the diagonal
-    averages over pairs of distinct instructions of the same category.
-    """
-    count = len(snapshot.instruction_ids)
-    vectors = torch.stack([flatten(instruction_isn(snapshot, i, epsilon, mode)) for i in range(count)])
-    return category_block_means(
-        pairwise_jaccard(vectors), snapshot.instruction_categories, snapshot.categories
-    )
 
 
 def category_block_means(

@@ -1,5 +1,5 @@
 """Resampling passes over snapshots, from stored counts (no forward pass): paired bootstrap intervals
-for ISN Jaccard and ISE Pearson, instruction-sampling stability, layer-phase tests, chance levels.
+for ISN Jaccard and ISE Pearson, instruction-sampling stability and layer-phase tests.
 
 A resample of a category's instructions is a weight vector over them (how often each instruction
 was drawn), so a batch of resamples is one matrix product per site: ``W [R, N_c] @ X_c [N_c, n]``
@@ -13,25 +13,27 @@ set sizes and intersections across sites. Memory per site is the site's counts a
 ``R x n`` float32 per snapshot; integer counts are exact in float32 while a resample's tokens stay
 below 2**24 (float64 beyond).
 
-Everything here but ``isn_chance`` needs per-instruction counts and raises
-``MissingInstructionCounts`` without them.
+Everything here needs per-instruction counts and raises ``MissingInstructionCounts`` without them
+(chance levels need only category counts: ``sparcom.stats.expected_jaccard`` on the per-site sizes
+of ``sparcom.analysis.category_tallies``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Integral
 
 import torch
 
+from sparcom.analysis import neuron_sites
 from sparcom.select import NEURON_KINDS, SELECTION_MODES, GlobalTopFraction, check_epsilon, threshold_count
 from sparcom.select import top_fraction_rows as _top_fraction_rows
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable
 from sparcom.stats import (
     Estimate,
     PhaseTest,
-    chance_jaccard,
     estimate,
     jaccard_from_sizes,
     layer_thirds,
@@ -202,10 +204,6 @@ def _select(
     return selector.select(counts)
 
 
-def _neuron_sites(snapshot: Snapshot) -> list[str]:
-    return [s for s, kind in snapshot.site_kinds.items() if kind in NEURON_KINDS]
-
-
 def resample_pass(
     snapshots: Sequence[Snapshot],
     weights: dict[str, torch.Tensor],
@@ -240,7 +238,7 @@ def resample_pass(
         largest = max(float(totals[k][c].max()) for k in range(len(snapshots)))
         matrices[c] = weights[c].to(torch.float32 if largest < _EXACT_FLOAT32 else torch.float64)
 
-    sites = _neuron_sites(snapshots[0])
+    sites = neuron_sites(snapshots[0])
     count = next(iter(width.values()))
     shape = (len(snapshots), len(categories), len(epsilons), count, len(sites))
     sizes = torch.zeros(shape, dtype=torch.int64)
@@ -288,7 +286,7 @@ def resample_pass(
 def _observe_global(snapshots, sites, rows, matrices, epsilons) -> list[list[list[GlobalTopFraction]]]:
     """First pass of ``percentile_global``: one histogram of resampled counts per snapshot and
     category, shared by every epsilon -> selectors ``[snapshot][category][epsilon]``."""
-    total = sum(snapshots[0].category_counts[s][0].numel() for s in sites)
+    total = sum(math.prod(snapshots[0].site_shape(s)) for s in sites)
     categories = snapshots[0].categories
     observers = [
         [GlobalTopFraction(epsilons[0], matrices[c].shape[0], total) for c in categories] for _ in snapshots
@@ -383,7 +381,9 @@ def layer_phase_tests(
     seed: int = 0,
 ) -> dict[str, dict[float, PhaseTest]]:
     """Category -> epsilon -> three-phase test of the snapshot's layer profile (ISN count per layer),
-    with a bootstrap interval of the margin (instructions resampled as in ``paired_bootstrap``)."""
+    with a bootstrap interval of the margin (instructions resampled as in ``paired_bootstrap``).
+    Under ``percentile_layer`` every site holds ``ceil(epsilon * n)`` ISNs by construction, so the
+    profile only mirrors the layers' widths and the test says nothing about the model."""
     epsilons = _check_arguments(epsilons, mode, resamples=resamples)
     layer_thirds(_num_layers(snapshot))  # refuses fewer than 3 layers before the pass
     weights = _bootstrap_weights(_category_sizes(snapshot), resamples, torch.Generator().manual_seed(seed))
@@ -410,51 +410,4 @@ def sampling_stability(
     return {
         c: {epsilon: float(means[i, e]) for e, epsilon in enumerate(epsilons)}
         for i, c in enumerate(snapshot.categories)
-    }
-
-
-def category_set_sizes(
-    snapshot: Snapshot, epsilons: Sequence[float], mode: str = "threshold"
-) -> torch.Tensor:
-    """``[C, E, S]`` size of each category's ISN set in each neuron site, from the category counts
-    (no per-instruction counts needed), site by site."""
-    epsilons = _check_arguments(epsilons, mode)
-    sites = _neuron_sites(snapshot)
-    totals = snapshot.category_tokens
-    rows = len(snapshot.categories)
-    selectors = [None] * len(epsilons)
-    if mode == "percentile_global":
-        first = GlobalTopFraction(
-            epsilons[0], rows, sum(snapshot.category_counts[s][0].numel() for s in sites)
-        )
-        for site in sites:
-            first.observe(snapshot.category_counts[site])
-        selectors = [first.with_fraction(epsilon) for epsilon in epsilons]
-    sizes = torch.zeros(rows, len(epsilons), len(sites), dtype=torch.int64)
-    for s, site in enumerate(sites):
-        counts = snapshot.category_counts[site].reshape(rows, -1)
-        for e, epsilon in enumerate(epsilons):
-            sizes[:, e, s] = _select(counts, totals, epsilon, mode, selectors[e]).sum(1)
-    return sizes
-
-
-def isn_chance(
-    base: Snapshot, tuned: Snapshot, epsilons: Sequence[float], mode: str = "threshold"
-) -> dict[str, dict[float, float]]:
-    """Category -> epsilon -> chance level of the base vs tuned ISN Jaccard: the expected Jaccard of
-    two sets drawn uniformly at random within each site with the two ISN sets' per-site sizes
-    (``sparcom.stats.chance_jaccard``). Needs only category counts."""
-    epsilons = _check_arguments(epsilons, mode)
-    check_comparable(base, tuned)
-    sizes_base, sizes_tuned = (
-        category_set_sizes(base, epsilons, mode),
-        category_set_sizes(tuned, epsilons, mode),
-    )
-    widths = [base.category_counts[s][0].numel() for s in _neuron_sites(base)]
-    return {
-        c: {
-            epsilon: chance_jaccard(sizes_base[i, e].tolist(), sizes_tuned[i, e].tolist(), widths)
-            for e, epsilon in enumerate(epsilons)
-        }
-        for i, c in enumerate(base.categories)
     }

@@ -191,7 +191,9 @@ def instruction_isn(snapshot: Snapshot, index: int, epsilon: float, mode: str = 
 
 def expert_frequency(snapshot: Snapshot, category: str) -> dict[str, torch.Tensor]:
     """``q`` per router site: the fraction of the category's tokens that selected each expert."""
-    return {s: q for s, q in snapshot.frequency(category).items() if snapshot.site_kinds[s] == "router"}
+    total = max(int(snapshot.category_tokens[snapshot.categories.index(category)]), 1)
+    row = snapshot.counts[category]
+    return {s: row[s].double() / total for s in snapshot.sites("router")}
 
 
 def ise(

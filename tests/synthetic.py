@@ -109,19 +109,6 @@ def assemble(
     )
 
 
-def instruction_similarity(snapshot: Snapshot, epsilon: float) -> torch.Tensor:
-    """``[N, N]`` Jaccard of the instructions' ISN sets (threshold ``epsilon``), from their counts."""
-    from sparcom.metrics import pairwise_jaccard
-    from sparcom.select import NEURON_KINDS, select_rows
-
-    sets = [
-        select_rows(snapshot.instruction_counts[s].long(), snapshot.instruction_tokens, epsilon, "threshold")
-        for s, kind in snapshot.site_kinds.items()
-        if kind in NEURON_KINDS
-    ]
-    return pairwise_jaccard(torch.cat([s.reshape(s.shape[0], -1) for s in sets], 1))
-
-
 def vocabulary_snapshot(
     rng: np.random.Generator, per_category: int, beyond: float = 0.0, categories: int = 6, neurons: int = 400
 ) -> tuple[Snapshot, torch.Tensor]:

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import binom
-from synthetic import draw, instruction_similarity, random_population, vocabulary_snapshot
+from synthetic import draw, random_population, vocabulary_snapshot
 
+from sparcom.analysis import instruction_similarity
 from sparcom.metrics import category_block_means, pairwise_jaccard
 from sparcom.permutation import diagonal_dominance, holm, permutation_p_value, token_control
 

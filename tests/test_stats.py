@@ -4,24 +4,27 @@ against brute force, independent recomputation and synthetic snapshots with plan
 from __future__ import annotations
 
 import math
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 from synthetic import Population, draw, moe_sites, random_population
 
-from sparcom.metrics import ise_alteration, isn_alteration, jaccard
+from sparcom.analysis import ise_alteration, isn_alteration
+from sparcom.metrics import jaccard
 from sparcom.resampling import (
     MissingInstructionCounts,
-    isn_chance,
     layer_phase_tests,
     paired_bootstrap,
     resample_pass,
     sampling_stability,
 )
-from sparcom.select import GlobalTopFraction, category_isn, instruction_isn, isn, top_fraction_rows
-from sparcom.snapshot import SnapshotError
-from sparcom.stats import chance_jaccard, chance_jaccard_of_sets, layer_thirds, phase_margin
+from sparcom.select import GlobalTopFraction, instruction_isn, isn, top_fraction_rows
+from sparcom.snapshot import Snapshot, SnapshotError
+from sparcom.stats import expected_jaccard, layer_thirds, phase_margin
 
 MODES = ["threshold", "percentile_layer", "percentile_global"]
 CATEGORIES = ["code", "math"]
@@ -75,7 +78,7 @@ def brute_force_chance(sizes_a, sizes_b, site_sizes, trials, generator):
 def test_chance_jaccard_matches_brute_force_monte_carlo(sizes_a, sizes_b, site_sizes, trials):
     generator = torch.Generator().manual_seed(1)
     expected, error = brute_force_chance(sizes_a, sizes_b, site_sizes, trials, generator)
-    assert chance_jaccard(sizes_a, sizes_b, site_sizes) == pytest.approx(expected, abs=4 * error + 1e-12)
+    assert expected_jaccard(sizes_a, sizes_b, site_sizes) == pytest.approx(expected, abs=4 * error + 1e-12)
 
 
 def test_chance_jaccard_at_qwen_moe_shapes_and_edge_cases():
@@ -87,22 +90,16 @@ def test_chance_jaccard_at_qwen_moe_shapes_and_edge_cases():
     b = [int(rng.integers(0, w // 2)) for w in widths]
     mean_intersection = sum(x * y / w for x, y, w in zip(a, b, widths, strict=True))
     first_order = mean_intersection / (sum(a) + sum(b) - mean_intersection)
-    assert chance_jaccard(a, b, widths) == pytest.approx(first_order, rel=1e-5)
-    assert chance_jaccard([0, 0], [0, 0], [5, 5]) == 1.0
-    assert chance_jaccard([0, 0], [3, 0], [5, 5]) == 0.0
-    assert chance_jaccard([5], [5], [5]) == 1.0
+    assert expected_jaccard(a, b, widths) == pytest.approx(first_order, rel=1e-5)
+    as_tensors = expected_jaccard(
+        torch.tensor(a), torch.tensor(b), torch.tensor(widths)
+    )  # as tallies hold them
+    assert as_tensors == expected_jaccard(a, b, widths)
+    assert expected_jaccard([0, 0], [0, 0], [5, 5]) == 1.0
+    assert expected_jaccard([0, 0], [3, 0], [5, 5]) == 0.0
+    assert expected_jaccard([5], [5], [5]) == 1.0
     with pytest.raises(ValueError, match="site 1 has sizes 6 and 2 of 5"):
-        chance_jaccard([1, 6], [1, 2], [5, 5])
-
-
-@pytest.mark.parametrize("mode", MODES)
-def test_isn_chance_uses_the_per_site_sizes_of_the_selected_sets(pair, mode):
-    base, tuned = pair
-    chance = isn_chance(base, tuned, [0.1, 0.5], mode)
-    for category in CATEGORIES:
-        for epsilon in (0.1, 0.5):
-            sets = category_isn(base, category, epsilon, mode), category_isn(tuned, category, epsilon, mode)
-            assert chance[category][epsilon] == chance_jaccard_of_sets(*sets)
+        expected_jaccard([1, 6], [1, 2], [5, 5])
 
 
 # -------------------------------------------------------------------------- paired bootstrap
@@ -202,45 +199,56 @@ def test_bootstrap_intervals_cover_the_population_value():
     assert 0.6 <= np.mean(widths) / (2 * 1.96 * np.std(errors)) <= 1.6
 
 
+class CountingReads(Mapping):
+    """Per-instruction counts that record every site read."""
+
+    def __init__(self, counts: Mapping):
+        self.counts, self.reads = counts, Counter()
+
+    def __getitem__(self, site):
+        self.reads[site] += 1
+        return self.counts[site]
+
+    def __iter__(self):
+        return iter(self.counts)
+
+    def __len__(self):
+        return len(self.counts)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "percentile_global"])
+def test_a_pass_over_snapshots_on_disk_reads_each_site_once(pair, tmp_path, mode):
+    """Loaded snapshots read each site when asked: the bootstrap reads every site once per snapshot
+    (percentile_global twice, its cutoff spans sites) and gives what it gives in memory."""
+    loaded = [Snapshot.load(s.save(tmp_path / f"{i}.safetensors")) for i, s in enumerate(pair)]
+    for snapshot in loaded:
+        snapshot.instruction_counts = CountingReads(snapshot.instruction_counts)
+    assert paired_bootstrap(*loaded, [0.5], mode, resamples=10) == paired_bootstrap(
+        *pair, [0.5], mode, resamples=10
+    )
+    for snapshot in loaded:
+        neurons = {s for s, kind in snapshot.site_kinds.items() if kind != "router"}
+        expected = {s: 2 if mode == "percentile_global" and s in neurons else 1 for s in snapshot.site_kinds}
+        assert dict(snapshot.instruction_counts.reads) == expected
+
+
 def test_resampling_refuses_bad_input_early(pair):
     base, tuned = pair
-    bare = draw(
-        [random_population(np.random.default_rng(1), CATEGORIES, *_tiny_sites())], 4, np.random.default_rng(2)
-    )[0]
-    bare.instruction_counts = None
     with pytest.raises(MissingInstructionCounts, match="the tuned snapshot has no per-instruction counts"):
-        paired_bootstrap(base, _without_instructions(tuned), [0.5])
-    for call in (paired_bootstrap, isn_chance):
-        with pytest.raises(ValueError, match=r"unknown selection mode 'median'; expected one of"):
-            call(base, tuned, [0.5], "median")
-        with pytest.raises(ValueError, match=r"epsilon must be in \(0, 1\], got 0"):
-            call(base, tuned, [0.5, 0])
+        paired_bootstrap(base, replace(tuned, instruction_counts=None, instruction_tokens=None), [0.5])
+    with pytest.raises(MissingInstructionCounts, match="the given snapshot has no per-instruction counts"):
+        sampling_stability(replace(base, instruction_counts=None), [0.5])
+    with pytest.raises(ValueError, match=r"unknown selection mode 'median'; expected one of"):
+        paired_bootstrap(base, tuned, [0.5], "median")
+    with pytest.raises(ValueError, match=r"epsilon must be in \(0, 1\], got 0"):
+        paired_bootstrap(base, tuned, [0.5, 0])
     with pytest.raises(ValueError, match="resamples must be a positive integer, got 0"):
         paired_bootstrap(base, tuned, [0.5], resamples=0)
     with pytest.raises(ValueError, match="splits must be a positive integer, got 2.5"):
         sampling_stability(base, [0.5], splits=2.5)
-    shuffled = draw(
-        [random_population(np.random.default_rng(1), CATEGORIES, *_moe())], 24, np.random.default_rng(3)
-    )[0]
-    shuffled.instruction_ids = [f"other-{i}" for i in range(len(shuffled.instruction_ids))]
+    renamed = replace(tuned, instruction_ids=[f"other-{i}" for i in range(len(tuned.instruction_ids))])
     with pytest.raises(SnapshotError, match="hold different instructions"):
-        paired_bootstrap(base, shuffled, [0.5])
-    assert isn_chance(base, _without_instructions(tuned), [0.5])  # chance levels need category counts only
-
-
-def _moe():
-    kinds, shapes, layers = moe_sites()
-    return shapes, kinds, layers
-
-
-def _tiny_sites():
-    return {"s": (4,)}, {"s": "ffn"}, {"s": 0}
-
-
-def _without_instructions(snapshot):
-    from dataclasses import replace
-
-    return replace(snapshot, instruction_counts=None, instruction_tokens=None)
+        paired_bootstrap(base, renamed, [0.5])
 
 
 # ------------------------------------------------------------------------ sampling stability

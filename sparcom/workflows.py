@@ -1,0 +1,119 @@
+"""What analyze.py does, as plain functions: read a run folder, get snapshots (from files, or by
+recording models), compare them, and write the report. No Hydra here: every setting is an argument."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from sparcom import report
+from sparcom.analysis import token_similarity
+from sparcom.comparison import compare
+from sparcom.data import Record
+from sparcom.drift import read_drift
+from sparcom.snapshot import Snapshot, SnapshotError, snapshot_series
+
+# Training settings worth a place in a report's header, by their trainer.args name.
+RUN_SETTINGS = (
+    "learning_rate",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "lr_scheduler_type",
+)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A train.py run folder: its snapshot series, its model and last checkpoint, its settings."""
+
+    path: Path
+    series: dict[int, Path]
+    model: dict  # name_or_path, dtype, chat_template_from of the model it started from
+    final_model: dict  # the same for its last checkpoint (the model itself when there is none)
+    settings: dict  # learning rate, steps, trainer kind, ...
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def drift(self):
+        return read_drift(self.path / "snapshots" / "drift.jsonl")
+
+
+def read_run(path: str | Path) -> RunFolder:
+    """Read a run folder written by train.py; a folder without snapshots is refused by name."""
+    path = Path(path)
+    series = snapshot_series(path / "snapshots")
+    if not series:
+        raise SnapshotError(f"no snapshots in {path / 'snapshots'}; is {path} a train.py run folder?")
+    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+    model = config.get("model") or {"name_or_path": Snapshot.load(series[min(series)]).meta["model"]}
+    checkpoints = sorted(path.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    final_model = {**model, "name_or_path": str(checkpoints[-1])} if checkpoints else model
+    args = (config.get("trainer") or {}).get("args") or {}
+    settings = {k: args[k] for k in RUN_SETTINGS if args.get(k) not in (None, -1)}
+    kind = (config.get("trainer") or {}).get("kind") or (
+        "lora" if (config.get("trainer") or {}).get("peft") else None
+    )
+    if kind:
+        settings["trainer"] = kind
+    return RunFolder(path, series, model, final_model, settings)
+
+
+def load_for_analysis(spec: dict, dtype: str | None = None):
+    """``(model, tokenizer)`` of a model spec, on the GPU when there is one. ``dtype`` (the
+    command line's) wins over the spec's; with neither, bfloat16 on a GPU and float32 on CPU."""
+    import torch
+
+    from sparcom.models import load_model
+
+    dtype = dtype or spec.get("dtype") or ("bfloat16" if torch.cuda.is_available() else "float32")
+    model, tokenizer = load_model(spec["name_or_path"], dtype, spec.get("chat_template_from"))
+    return (model.cuda() if torch.cuda.is_available() else model), tokenizer
+
+
+def tokenizer_for(spec: dict | None, snapshot: Snapshot):
+    """The tokenizer a snapshot was recorded with: its model spec's, or its recorded model's."""
+    from sparcom.models import load_tokenizer
+
+    if spec is None:
+        return load_tokenizer(snapshot.meta["model"])
+    return load_tokenizer(spec["name_or_path"], spec.get("chat_template_from"))
+
+
+def write_comparison(
+    out: Path,
+    base: Snapshot,
+    tuned: Snapshot,
+    labels: tuple[str, str],
+    *,
+    records: list[Record],
+    tokenizer,
+    epsilons: list[float],
+    selection_mode: str,
+    overlap_epsilon: float,
+    sweep_epsilons: list[float],
+    drift=None,
+    run_settings: dict | None = None,
+) -> Path:
+    """Compare two snapshots and write the report folder; returns the report page."""
+    by_id = {r["id"]: r for r in records}
+    tokens = None
+    if tuned.per_instruction and tokenizer is not None and all(i in by_id for i in base.instruction_ids):
+        tokens = token_similarity(base, by_id, tokenizer)
+    comparison = compare(
+        base,
+        tuned,
+        labels=labels,
+        epsilons=epsilons,
+        selection_mode=selection_mode,
+        overlap_epsilon=overlap_epsilon,
+        sweep_epsilons=sweep_epsilons,
+        token_similarity=tokens,
+        drift=drift,
+        run=run_settings,
+    )
+    return report.write_comparison(comparison, out)
