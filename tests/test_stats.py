@@ -178,9 +178,9 @@ def test_same_seed_same_result_and_the_bootstrap_phases_match_the_single_snapsho
 def test_bootstrap_intervals_cover_the_population_value():
     """Populations with known per-neuron frequencies, so the population ISN sets and their Jaccard
     are known; 100 datasets of 100 instructions. Coverage of the 95% interval must be at least 0.85
-    (0.95 would fall below that with probability < 1e-4; the measured rates for larger settings
-    are in the module docstring of ``sparcom.resampling``), and the interval's width must match the
-    estimate's real spread across datasets (ratio within 0.6-1.6), so a useless wide interval fails."""
+    (0.95 would fall below that with probability < 1e-4; ``tests/bench/coverage.py`` measures larger
+    settings), and the interval's width must match the estimate's real spread across datasets
+    (ratio within 0.6-1.6), so a uselessly wide interval fails."""
     rng = np.random.default_rng(11)
     kinds = {f"layer{i}": "ffn" for i in range(3)}
     layers = {site: i for i, site in enumerate(kinds)}
