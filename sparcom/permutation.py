@@ -2,8 +2,8 @@
 more ISNs with each other than with the rest (generality and uniqueness as tests), and does that
 survive a control for shared vocabulary?
 
-Pure math on ``[N, N]`` matrices (computed once, e.g. by ``sparcom.metrics.pairwise_jaccard``) and
-the instructions' category labels. Pairs of instructions are not independent (an instruction is in
+Pure math on ``[N, N]`` matrices (computed once, e.g. by ``sparcom.analysis.instruction_similarity``)
+and the instructions' category labels. Pairs of instructions are not independent (an instruction is in
 ``N - 1`` pairs), so p-values come from permuting instructions, never pairs. A p-value is
 ``(1 + #{null >= observed}) / (1 + permutations)``, valid at every sample size.
 """

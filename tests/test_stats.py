@@ -91,10 +91,8 @@ def test_chance_jaccard_at_qwen_moe_shapes_and_edge_cases():
     mean_intersection = sum(x * y / w for x, y, w in zip(a, b, widths, strict=True))
     first_order = mean_intersection / (sum(a) + sum(b) - mean_intersection)
     assert expected_jaccard(a, b, widths) == pytest.approx(first_order, rel=1e-5)
-    as_tensors = expected_jaccard(
-        torch.tensor(a), torch.tensor(b), torch.tensor(widths)
-    )  # as tallies hold them
-    assert as_tensors == expected_jaccard(a, b, widths)
+    tensors = [torch.tensor(values) for values in (a, b, widths)]  # as the category tallies hold them
+    assert expected_jaccard(*tensors) == expected_jaccard(a, b, widths)
     assert expected_jaccard([0, 0], [0, 0], [5, 5]) == 1.0
     assert expected_jaccard([0, 0], [3, 0], [5, 5]) == 0.0
     assert expected_jaccard([5], [5], [5]) == 1.0
@@ -197,6 +195,17 @@ def test_bootstrap_intervals_cover_the_population_value():
         errors.append(estimate.value - truth)
     assert covered >= 85
     assert 0.6 <= np.mean(widths) / (2 * 1.96 * np.std(errors)) <= 1.6
+
+
+def test_dense_models_have_no_expert_intervals_and_two_layers_no_phase_tests():
+    rng = np.random.default_rng(12)
+    kinds, shapes, layers = {"l0": "ffn", "l1": "ffn"}, {"l0": (50,), "l1": (50,)}, {"l0": 0, "l1": 1}
+    base, tuned = draw([random_population(rng, CATEGORIES, shapes, kinds, layers)] * 2, 10, rng)
+    result = paired_bootstrap(base, tuned, [0.5], resamples=10)
+    assert result.ise_pearson == {} and result.layer_phases == {}
+    assert set(result.isn_jaccard) == set(CATEGORIES)
+    with pytest.raises(ValueError, match="a three-phase profile needs at least 3 layers, got 2"):
+        layer_phase_tests(base, [0.5])
 
 
 class CountingReads(Mapping):
