@@ -248,12 +248,17 @@ def token_control(
     targets = (targets.T / 2).float()  # [N * N, 1 + k]: each pair appears twice in a full matrix
     generator = torch.Generator().manual_seed(seed)
     null = []
-    batch = max(1, _PERMUTED_VALUES // (size * size))
+    batch = max(1, min(permutations, _PERMUTED_VALUES // (size * size)))
+    # Buffers reused by every batch: allocating these megabytes afresh each time fragments the heap,
+    # and resident memory then grows with the number of permutations.
+    rows, permuted = torch.empty(size, size), torch.empty(batch, size, size)
     for start in range(0, permutations, batch):
         count = min(batch, permutations - start)
         shuffled = torch.argsort(torch.rand(count, size, generator=generator), dim=1)
-        permuted = torch.stack([indicator_matrix.index_select(0, p).index_select(1, p) for p in shuffled])
-        products = (permuted.reshape(count, -1) @ targets).double()
+        for slot, order in enumerate(shuffled):
+            torch.index_select(indicator_matrix, 0, order, out=rows)
+            torch.index_select(rows, 1, order, out=permuted[slot])
+        products = (permuted[:count].reshape(count, -1) @ targets).double()
         along_basis = (products[:, 1:] ** 2).sum(1)
         null.append(_t_statistic(products[:, 0], norm - along_basis, response_norm, dof))
     p_value = float(permutation_p_value(observed, torch.cat(null), tie=_FLOAT32_TIE))
