@@ -11,7 +11,9 @@ Every pass visits the sites once, in the snapshot's order (``percentile_global``
 spans sites), reads each site's per-instruction counts once per snapshot, and keeps only per-site
 set sizes and intersections across sites. Memory per site is the site's counts as read plus
 ``R x n`` float32 per snapshot; integer counts are exact in float32 while a resample's tokens stay
-below 2**24 (float64 beyond).
+below 2**24 (float64 beyond). ``percentile_global`` also keeps, per snapshot and category, a
+histogram of resampled counts (8 bytes x R x the largest count): about 450 MB for a pair of
+1,200-instruction snapshots at the defaults (categories of about 23 k tokens), whatever the model.
 
 Everything here needs per-instruction counts and raises ``MissingInstructionCounts`` without them
 (chance levels need only category counts: ``sparcom.stats.expected_jaccard`` on the per-site sizes
