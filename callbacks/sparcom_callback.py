@@ -46,6 +46,7 @@ class SparcomCallback(TrainerCallback):
         on_save: bool = True,
         every_steps: int | None = None,
         log_figures: bool = True,
+        overlap_epsilon: float = 0.5,
     ):
         for epsilon in epsilons:
             check_epsilon(epsilon)
@@ -66,6 +67,8 @@ class SparcomCallback(TrainerCallback):
         self.record_on_save = on_save
         self.every_steps = every_steps
         self.log_figures = log_figures
+        check_epsilon(overlap_epsilon)
+        self.overlap_epsilon = overlap_epsilon  # of the figures, as in analyze.py's report
         self.base: Snapshot | None = None
         self.previous: Snapshot | None = None
         self.last_step: int | None = None
@@ -216,7 +219,7 @@ class SparcomCallback(TrainerCallback):
     def _figures(self, step: int, snapshot: Snapshot, wandb) -> dict:
         from sparcom.report import layer_profile_plot, overlap_heatmap
 
-        epsilon = self.epsilons[0]
+        epsilon = self.overlap_epsilon
         figures = self.snapshot_dir / "figures"
         figures.mkdir(exist_ok=True)
         profiles = layer_profiles(snapshot, epsilon, self.selection_mode)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -13,6 +14,9 @@ from sparcom.ablation import ablation_matrices, diagonal_dominance
 from sparcom.drift import drift_metrics
 from sparcom.metrics import overlap_matrix
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, snapshot_series
+
+if TYPE_CHECKING:
+    from sparcom.config import AnalyzeConfig
 
 
 def run_inputs(run: Path) -> dict:
@@ -58,20 +62,20 @@ def _tokenizer(spec, snapshot: Snapshot):
     return spec
 
 
-def comparison_report(cfg, out: Path, records: list[dict], base: Snapshot, tuned: Snapshot, tokenizer,
+def comparison_report(cfg: AnalyzeConfig, out: Path, records: list[dict], base: Snapshot, tuned: Snapshot, tokenizer,
                       series: dict[int, Path] | None) -> Path:  # fmt: skip
     """Tables 1 and 2 of the paper, overlap and token-overlap matrices, layer profiles, general and
     unique ISNs, the epsilon sweep and (for runs) drift over training steps."""
     check_comparable(base, tuned)
-    mode, epsilon = cfg.selection_mode, cfg.overlap_epsilon
+    mode, epsilon = cfg.sparcom.selection_mode, cfg.sparcom.overlap_epsilon
     tables, figures = out / "tables", out / "figures"
     tables.mkdir(exist_ok=True)
     figures.mkdir(exist_ok=True)
     sections: list[tuple[str, list[str]]] = []
     summary: dict = {"base": base.meta, "tuned": tuned.meta}
 
-    header = ["category", *[f"Jaccard eps={e:g}" for e in cfg.epsilons]]
-    isn_rows = analysis.isn_table(base, tuned, list(cfg.epsilons), mode)
+    header = ["category", *[f"Jaccard eps={e:g}" for e in cfg.sparcom.epsilons]]
+    isn_rows = analysis.isn_table(base, tuned, list(cfg.sparcom.epsilons), mode)
     report.write_table(isn_rows, header, tables / "isn_jaccard")
     blocks = [report.html_table(isn_rows, header)]
     ise_rows = analysis.ise_table(base, tuned)
@@ -114,7 +118,7 @@ def comparison_report(cfg, out: Path, records: list[dict], base: Snapshot, tuned
             )
         )
     if series and len(series) > 1:
-        sections.append(_drift_section(series, base, list(cfg.epsilons), mode, figures))
+        sections.append(_drift_section(series, base, list(cfg.sparcom.epsilons), mode, figures))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     title = f"SPARCOM: {base.meta.get('model', 'base')} vs {tuned.meta.get('model', 'tuned')}"
     return report.write_html(out / "report.html", title, sections)
@@ -171,7 +175,9 @@ def _drift_section(series: dict[int, Path], base: Snapshot, epsilons, mode, figu
     return "Drift over training", ['<div class="grid">' + "".join(blocks) + "</div>"]
 
 
-def ablation_report(cfg, out: Path, records: list[dict], snapshot: Snapshot, model_spec: dict | None) -> Path:
+def ablation_report(
+    cfg: AnalyzeConfig, out: Path, records: list[dict], snapshot: Snapshot, model_spec: dict | None
+) -> Path:
     """Zero each category's ISNs (and, as a control, as many random neurons from the same sites) and
     report the change in response loss on every category."""
     from sparcom.training import probe_set
@@ -186,7 +192,7 @@ def ablation_report(cfg, out: Path, records: list[dict], snapshot: Snapshot, mod
     per_category = {c: sum(r["category"] == c for r in held_out) for c in snapshot.categories}
     pool = held_out if min(per_category.values()) >= cfg.ablate.per_category else records
     probe = probe_set(pool, cfg.ablate.per_category, cfg.ablate.seed)
-    result = ablation_matrices(model, tokenizer, probe, snapshot, cfg.ablate.epsilon, cfg.selection_mode,
+    result = ablation_matrices(model, tokenizer, probe, snapshot, cfg.ablate.epsilon, cfg.sparcom.selection_mode,
                                cfg.ablate.seed, cfg.ablate.batch_size)  # fmt: skip
     categories = snapshot.categories
     figures, tables = out / "figures", out / "tables"
