@@ -21,7 +21,7 @@ class ConfigError(ValueError):
 
 def closest(word: str, candidates: Iterable[str]) -> str:
     """`` (did you mean X?)`` for the closest candidate, or nothing when none is close."""
-    found = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.6)
+    found = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.75)
     return f" (did you mean {found[0]}?)" if found else ""
 
 
@@ -285,8 +285,9 @@ def one_line(err: Exception) -> ConfigError:
     message = str(cause.msg).splitlines()[0]
     if isinstance(cause, ConfigKeyError | ConfigAttributeError):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
-        keys = list(cause.parent_node.keys()) if cause.parent_node is not None else []
-        return unknown_key(key, parent, keys)
+        node = cause.parent_node
+        keys = [k for k in (node.keys() if node is not None else []) if parent or k != "hydra"]
+        return unknown_key(key, parent, keys, node)
     if isinstance(cause, MissingMandatoryValue):
         return ConfigError(f"{key}: missing; expected a value")
     if isinstance(cause, ValidationError):
@@ -323,11 +324,13 @@ def check_keys(node, prefix: str = "") -> None:
         if path == "hydra":  # Hydra's own settings, checked by Hydra
             continue
         if known is not None and key not in known:
-            raise unknown_key(path, prefix, known)
+            raise unknown_key(path, prefix, known, node)
         check_keys(node._get_node(key), path)
 
 
-def unknown_key(key: str, parent: str, keys: list[str]) -> ConfigError:
+def unknown_key(key: str, parent: str, keys: list[str], node=None) -> ConfigError:
+    """``key`` is not in the schema: suggest a close sibling, or the place where a key of that
+    name lives (``epsilons`` -> ``sparcom.epsilons``)."""
     from sparcom.sft_fields import MANAGED_FIELDS
 
     name = key.rsplit(".", 1)[-1]
@@ -336,11 +339,37 @@ def unknown_key(key: str, parent: str, keys: list[str]) -> ConfigError:
     hint = closest(name, keys).replace(
         "did you mean ", f"did you mean {parent}." if parent else "did you mean "
     )
+    if not hint and node is not None:
+        elsewhere = [path for path in _schema_paths(node) if path.rsplit(".", 1)[-1] == name]
+        hint = f" (did you mean {elsewhere[0]}?)" if elsewhere else ""
     if parent:
         return ConfigError(
             f"{key}: unknown key{hint}; expected one of the keys of {parent} (`--cfg job` lists them)"
         )
     return ConfigError(f"{key}: unknown key{hint}; expected one of {', '.join(keys)}")
+
+
+def _schema_paths(node) -> list[str]:
+    """Every dotted key of the schema of ``node``'s root config."""
+    import dataclasses
+    import typing
+
+    from omegaconf import OmegaConf
+
+    def paths(schema, prefix: str) -> list[str]:
+        found = []
+        hints = typing.get_type_hints(schema)
+        for field in dataclasses.fields(schema):
+            path = f"{prefix}{field.name}"
+            found.append(path)
+            kind = hints[field.name]
+            for member in [m for m in typing.get_args(kind) if m is not type(None)] or [kind]:
+                if dataclasses.is_dataclass(member):
+                    found += paths(member, path + ".")
+        return found
+
+    schema = OmegaConf.get_type(node._get_root())
+    return paths(schema, "") if dataclasses.is_dataclass(schema) else []
 
 
 def _missing_option(err) -> ConfigError:
