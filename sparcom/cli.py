@@ -12,12 +12,12 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict, read_write
 
-from sparcom.config import TrainConfig, register, to_object
+from sparcom.config import AnalyzeConfig, TrainConfig, register, to_object
 from sparcom.config_check import ConfigError, check_run_dir, one_line
 from sparcom.training import Launch
 
@@ -92,21 +92,16 @@ def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
     return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
-def checked(config_name: str, overrides: list[str], number: int = 0, multirun: bool = False):
-    """Compose one job's config as Hydra will, convert and check it, and check its run folder."""
-    from hydra import compose, initialize_config_dir
+def compose(config_name: str, overrides: Sequence[str] = ()) -> TrainConfig | AnalyzeConfig:
+    """The typed, checked config that ``python <config_name>.py <overrides>`` runs with (one job)."""
+    return _composed(config_name, overrides, with_hydra=False)[0]
 
-    try:
-        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-    except Exception as err:  # Hydra's composition errors span lines; one line, with a suggestion
-        raise one_line(err) from err
-    job = copy.deepcopy(cfg)
-    with open_dict(job):
-        del job["hydra"]  # to_object resolves every key, and some of Hydra's resolve only in a job
-    typed = to_object(job)
+
+def checked(config_name: str, overrides: Sequence[str], number: int = 0, multirun: bool = False):
+    """One job's config composed as Hydra will compose it, converted and checked, and its run folder
+    checked (on the main rank: the others start while it writes into the folder)."""
+    typed, hydra = _composed(config_name, overrides, with_hydra=True)
     if isinstance(typed, TrainConfig) and int(os.environ.get("RANK", "0")) == 0:
-        hydra = cfg.hydra
         if multirun:
             with read_write(hydra):
                 hydra.job.num = number
@@ -114,6 +109,24 @@ def checked(config_name: str, overrides: list[str], number: int = 0, multirun: b
         else:
             check_run_dir(Path(hydra.run.dir), typed.resume)
     return typed
+
+
+def _composed(config_name: str, overrides: Sequence[str], with_hydra: bool):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = hydra_compose(config_name, list(overrides), return_hydra_config=with_hydra)
+    except Exception as err:  # Hydra's composition errors span lines; one line, with a suggestion
+        raise one_line(err) from err
+    if not with_hydra:
+        return to_object(cfg), None
+    job = copy.deepcopy(cfg)
+    with open_dict(job):
+        del job["hydra"]  # to_object resolves every key, and some of Hydra's resolve only in a job
+    return to_object(job), cfg.hydra
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ and runs the checks that types cannot express (``sparcom.config_check``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from dataclasses import dataclass, field, make_dataclass
 from enum import StrEnum
@@ -434,7 +435,8 @@ def register() -> None:
 
 def to_object(cfg: DictConfig) -> TrainConfig | AnalyzeConfig:
     """The typed config of a composed one, checked: raises ``ConfigError`` (one line) on any
-    value that the types or the rules of ``sparcom.config_check`` refuse."""
+    value that the types or the rules of ``sparcom.config_check`` refuse. Enum-typed fields come
+    back as plain strings, as the library takes them."""
     from sparcom.config_check import check, check_keys, one_line
 
     check_keys(cfg)
@@ -443,4 +445,15 @@ def to_object(cfg: DictConfig) -> TrainConfig | AnalyzeConfig:
     except Exception as err:  # OmegaConf's errors span lines and lack what is accepted
         raise one_line(err) from err
     check(typed)
-    return typed
+    return _plain_strings(typed)
+
+
+def _plain_strings(value):
+    if isinstance(value, StrEnum):
+        return str(value)
+    if isinstance(value, list):
+        return [_plain_strings(item) for item in value]
+    if dataclasses.is_dataclass(value):
+        for item in dataclasses.fields(value):
+            setattr(value, item.name, _plain_strings(getattr(value, item.name)))
+    return value

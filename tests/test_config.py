@@ -11,9 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
-from sparcom.cli import analysis_dir, run_stamp
+from sparcom.cli import analysis_dir, compose, run_stamp
 from sparcom.config import (
     TINY_PRESET_NAMES,
     AnalyzeConfig,
@@ -21,25 +20,12 @@ from sparcom.config import (
     SparcomConfig,
     TokenScope,
     TrainConfig,
-    register,
-    to_object,
 )
-from sparcom.config_check import ConfigError, check_probe_fits, check_run_dir, one_line
+from sparcom.config_check import ConfigError, check_probe_fits, check_run_dir
 from sparcom.data import load_records
 from sparcom.sft_fields import REGENERATE, describe_sft_config, load_sft_fields
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def composed(name: str, overrides: list[str]):
-    """The typed config of ``conf/<name>.yaml`` with ``overrides``, as the entry point builds it."""
-    register()
-    try:
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name=name, overrides=overrides)
-    except Exception as err:  # Hydra's composition errors, as the entry points report them
-        raise one_line(err) from err
-    return to_object(cfg)
 
 
 BAD_TRAIN = [
@@ -113,7 +99,7 @@ BAD_TRAIN = [
 @pytest.mark.parametrize(("override", "message"), BAD_TRAIN)
 def test_bad_train_value_is_refused_on_one_line_naming_its_key(override, message):
     with pytest.raises(ConfigError, match=message) as caught:
-        composed("train", [override])
+        compose("train", [override])
     assert "\n" not in str(caught.value)
 
 
@@ -121,7 +107,7 @@ def test_bad_lora_rank_is_refused():
     with pytest.raises(
         ConfigError, match=r"^trainer\.peft\.r: -1 is not allowed; expected a positive integer$"
     ):
-        composed("train", ["trainer=lora", "trainer.peft.r=-1"])
+        compose("train", ["trainer=lora", "trainer.peft.r=-1"])
 
 
 BAD_ANALYZE = [
@@ -162,13 +148,13 @@ BAD_ANALYZE = [
 @pytest.mark.parametrize(("overrides", "message"), BAD_ANALYZE)
 def test_bad_analyze_value_is_refused_on_one_line_naming_its_key(overrides, message):
     with pytest.raises(ConfigError, match=message) as caught:
-        composed("analyze", overrides)
+        compose("analyze", overrides)
     assert "\n" not in str(caught.value)
 
 
 def test_a_single_epsilon_is_a_one_element_list():
-    assert composed("train", ["sparcom.epsilons=0.5"]).sparcom.epsilons == [0.5]
-    assert composed("analyze", ["sparcom.epsilons=0.5", "base=a", "tuned=b"]).sparcom.epsilons == [0.5]
+    assert compose("train", ["sparcom.epsilons=0.5"]).sparcom.epsilons == [0.5]
+    assert compose("analyze", ["sparcom.epsilons=0.5", "base=a", "tuned=b"]).sparcom.epsilons == [0.5]
 
 
 def test_train_and_analyze_spell_the_shared_settings_the_same_way():
@@ -183,14 +169,14 @@ def test_train_and_analyze_spell_the_shared_settings_the_same_way():
         "sparcom.probe.per_instruction=false",
         "stats.resamples=50",
     ]
-    train = composed("train", shared)
-    analyze = composed("analyze", [*shared, "base=a", "tuned=b"])
+    train = compose("train", shared)
+    analyze = compose("analyze", [*shared, "base=a", "tuned=b"])
     as_shared = SparcomConfig(**{k: getattr(train.sparcom, k) for k in SparcomConfig.__dataclass_fields__})
     assert as_shared == analyze.sparcom and train.stats == analyze.stats
     assert analyze.sparcom.probe.per_category == 7 and analyze.sparcom.selection_mode == "percentile_layer"
     # The defaults differ where the uses differ: a training probe is small, an analysis probes all.
-    assert composed("train", []).sparcom.probe.per_category == 20
-    assert composed("analyze", ["base=a", "tuned=b"]).sparcom.probe.per_category == 200
+    assert compose("train", []).sparcom.probe.per_category == 20
+    assert compose("analyze", ["base=a", "tuned=b"]).sparcom.probe.per_category == 200
 
 
 def test_every_config_group_option_composes_and_passes_its_checks():
@@ -204,15 +190,15 @@ def test_every_config_group_option_composes_and_passes_its_checks():
         "experiment=smoke",
     ]
     for option in options:
-        cfg = composed("train", [option])
+        cfg = compose("train", [option])
         assert isinstance(cfg, TrainConfig), option
-    lora = composed("train", ["trainer=lora"])
+    lora = compose("train", ["trainer=lora"])
     assert lora.trainer.peft.r == 16 and lora.trainer.args.learning_rate == 5e-4
-    assert composed("train", ["deepspeed=zero3"]).deepspeed.config["zero_optimization"]["stage"] == 3
-    smoke = composed("train", ["experiment=smoke"])
+    assert compose("train", ["deepspeed=zero3"]).deepspeed.config["zero_optimization"]["stage"] == 3
+    smoke = compose("train", ["experiment=smoke"])
     assert smoke.trainer.args.max_steps == 6 and smoke.sparcom.probe.per_category == 4
     assert smoke.trainer.args.max_length == smoke.data.max_length == 512  # the interpolation resolved
-    paper = composed("analyze", ["experiment=paper"])
+    paper = compose("analyze", ["experiment=paper"])
     assert isinstance(paper, AnalyzeConfig) and [p.name for p in paper.pairs] == [
         "qwen1.5-moe-a2.7b",
         "qwen2.5-7b",
@@ -228,7 +214,7 @@ def test_trainer_args_hold_every_field_of_the_installed_sft_config(tmp_path):
     )
     from trl import SFTConfig
 
-    args = composed("train", ["trainer.args.weight_decay=0.01"]).trainer.args
+    args = compose("train", ["trainer.args.weight_decay=0.01"]).trainer.args
     # TRL accepts every value as it comes out of the schema
     SFTConfig(**{**vars(args), "use_cpu": True, "bf16": False}, output_dir=str(tmp_path))
 
@@ -305,7 +291,7 @@ def test_analysis_folder():
 
 def test_run_config_is_plain_yaml_and_json(tmp_path):
     """The typed config holds only plain values: the W&B config and config.yaml carry no objects."""
-    cfg = composed("train", ["trainer=lora"])
+    cfg = compose("train", ["trainer=lora"])
     from sparcom.training import wandb_settings
 
     settings = wandb_settings(cfg, tmp_path / "run")
