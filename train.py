@@ -50,11 +50,14 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
     model, tokenizer = load_model(
         cfg.model.name_or_path, cfg.model.dtype, cfg.model.chat_template_from, seed=cfg.seed
     )
-    sft_args = {k: v for k, v in vars(cfg.trainer.args).items()}
+    # Only what differs from TRL's defaults, so that SFTConfig derives the rest itself and
+    # deprecated fields left alone raise no warnings.
+    defaults = vars(type(cfg.trainer.args)())
+    sft_args = {k: v for k, v in vars(cfg.trainer.args).items() if v != defaults[k]}
     if not torch.cuda.is_available():
         # Accelerate sizes a CPU job (gloo, one entry per rank) only when told it is on CPU.
         sft_args["use_cpu"] = True
-    if sft_args["bf16"] is None:  # TRL's default turns bf16 on, which CPUs refuse
+    if sft_args.get("bf16") is None:  # TRL's default turns bf16 on, which CPUs refuse
         sft_args["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     args = SFTConfig(
         **sft_args,

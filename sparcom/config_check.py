@@ -162,6 +162,8 @@ def check_train(cfg: TrainConfig) -> None:
 def check_analyze(cfg: AnalyzeConfig) -> None:
     if cfg.mode in ("steer", "explain"):
         raise ConfigError(f"mode: {str(cfg.mode)!r} is not available yet; expected compare or ablate")
+    if cfg.device_map is not None:  # models load whole, on the GPU when there is one
+        raise ConfigError(f"device_map: {cfg.device_map!r} is not available yet; expected null")
     cfg.sweep_epsilons = epsilon_list("sweep_epsilons", cfg.sweep_epsilons)
     check_epsilon("ablate.epsilon", cfg.ablate.epsilon)
     positive("ablate.per_category", cfg.ablate.per_category)

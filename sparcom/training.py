@@ -130,6 +130,9 @@ def start_wandb(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -
     try:
         import wandb
 
+        # W&B validates the environment's settings even where init's arguments override them.
+        os.environ["WANDB_MODE"] = mode
+        os.environ.setdefault("WANDB_SILENT", "true")
         (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
         wandb.init(mode=mode, dir=str(run_dir), **wandb_settings(cfg, run_dir, launch))
     except Exception as err:  # noqa: BLE001 - W&B must never stop a run

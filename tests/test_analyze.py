@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -16,10 +17,13 @@ import torch
 
 import sparcom
 import sparcom.metrics
+from analyze import analyze
 from sparcom.ablation import zeroed
+from sparcom.cli import compose
 from sparcom.models import load_model
 from sparcom.select import category_isn
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, snapshot_series
+from train import train
 
 from conftest import per_category
 
@@ -27,34 +31,38 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
 
 
-def analyze(*overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, str(ROOT / "analyze.py"), *overrides], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)  # fmt: skip
-    assert done.returncode == expect, done.stdout[-2000:] + done.stderr[-3000:]
-    return done
+def analyzed(*overrides: str) -> list[Path]:
+    """analyze.py's work, in-process: the typed config of the overrides, written where the CLI writes."""
+    cfg = compose("analyze", overrides)
+    out = Path(cfg.out) if cfg.out else Path(cfg.run) / "analysis"
+    return analyze(cfg, out)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """One real 6-step SFT run of the tiny MoE (checkpoints at 3 and 6)."""
     folder = tmp_path_factory.mktemp("run") / "run"
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "logger=disabled",
-                           f"hydra.run.dir={folder}"], capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return folder
+    return train(compose("train", ["experiment=smoke", "logger=disabled"]), folder)
 
 
 @pytest.mark.slow
 def test_run_report_has_the_tables_and_figures(run):
-    analyze(f"run={run}")
+    assert analyzed(f"run={run}") == [run / "analysis" / "report.html"]
     out = run / "analysis"
     with open(out / "tables" / "isn_jaccard.csv") as handle:
         rows = list(csv.reader(handle))
     assert rows[0] == ["category", "Jaccard eps=0.3", "Jaccard eps=0.5", "Jaccard eps=0.7"]
     assert [r[0] for r in rows[1:]] == [*sparcom.data.CATEGORIES, "mean"]
     assert (out / "tables" / "ise_pearson.md").read_text().startswith("| category |")
-    for figure in ("epsilon_sweep", "layer_profile", "overlap_base", "overlap_tuned", "token_overlap",
-                   "drift_isn_eps0.5", "drift_ise"):  # fmt: skip
+    for figure in (
+        "epsilon_sweep",
+        "layer_profile",
+        "overlap_base",
+        "overlap_tuned",
+        "token_overlap",
+        "drift_isn_eps0.5",
+        "drift_ise",
+    ):
         assert (out / "figures" / f"{figure}.png").stat().st_size > 10_000, figure
     summary = json.loads((out / "summary.json").read_text())
     assert -1 <= summary["token_overlap_correlation"]["base"] <= 1
@@ -68,7 +76,7 @@ def test_run_report_has_the_tables_and_figures(run):
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed")
 def test_html_report_renders_with_visible_figures(run, tmp_path):
-    analyze(f"run={run}")
+    analyzed(f"run={run}")
     page = (run / "analysis" / "report.html").read_text()
     assert 'src="data:image/png;base64,' in page and "<link" not in page  # self-contained
     probe = """<script>
@@ -86,11 +94,22 @@ def test_html_report_renders_with_visible_figures(run, tmp_path):
     });</script>"""
     checked = tmp_path / "report.html"
     checked.write_text(page.replace("</body>", probe + "</body>"))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900", "--virtual-time-budget=5000"]  # fmt: skip
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", checked.as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,900",
+        "--virtual-time-budget=5000",
+    ]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", checked.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
     result = json.loads(dom.split('<pre id="probe">')[1].split("</pre>")[0])
     assert len(result["images"]) >= 8 and all(result["images"]), result
     assert result["tables"] and all(result["tables"]), result
@@ -99,7 +118,9 @@ def test_html_report_renders_with_visible_figures(run, tmp_path):
 @pytest.mark.slow
 def test_base_and_tuned_models_are_recorded_and_compared(run, tmp_path):
     out = tmp_path / "compare"
-    analyze("base=tiny-qwen2-moe", f"tuned={run / 'checkpoint-6'}", "probe.per_category=4", f"out={out}")
+    analyzed(
+        "base=tiny-qwen2-moe", f"tuned={run / 'checkpoint-6'}", "sparcom.probe.per_category=4", f"out={out}"
+    )
     with open(out / "tables" / "isn_jaccard.csv") as handle:
         recorded = list(csv.reader(handle))
     # Same weights, same probe, as the run's own snapshots: the same table.
@@ -117,8 +138,8 @@ def test_snapshots_of_different_models_are_refused(run, tmp_path):
     model, tokenizer = load_model("tiny-llama")
     sparcom.record(model, tokenizer, per_category(4), progress=False).save(llama)
     moe = snapshot_series(run / "snapshots")[0]
-    done = analyze(f"base={llama}", f"tuned={moe}", f"out={tmp_path / 'x'}", expect=2)
-    assert "different model family" in done.stderr and "'llama'" in done.stderr
+    with pytest.raises(SnapshotError, match="different model family.*'llama'"):
+        analyzed(f"base={llama}", f"tuned={moe}", f"out={tmp_path / 'x'}")
 
 
 def test_comparability_names_the_difference(small_records):
@@ -138,12 +159,29 @@ def test_comparability_names_the_difference(small_records):
 
 
 @pytest.mark.slow
-def test_ablation_report(run):
-    done = analyze("mode=ablate", f"run={run}", "ablate.per_category=3", f"out={run / 'ablation'}")
-    result = json.loads((run / "ablation" / "ablation.json").read_text())
+def test_ablation_report_through_the_command_line(run):
+    """The CLI prints the verdict and where the report went."""
+    out = run / "ablation"
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "analyze.py"),
+            "mode=ablate",
+            f"run={run}",
+            "ablate.per_category=3",
+            f"out={out}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "SPARCOM_RUN_STAMP"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((out / "ablation.json").read_text())
     assert len(result["delta"]) == 6 and all(len(row) == 6 for row in result["delta"])
     assert len(result["control_delta"]) == 6 and result["held_out"]
-    assert "diagonal" in done.stdout and (run / "ablation" / "report.html").is_file()
+    assert "diagonal" in done.stdout and done.stdout.splitlines()[-1] == f"report: {out / 'report.html'}"
 
 
 def test_zeroing_neurons_equals_silencing_their_activations(small_records):
