@@ -18,7 +18,8 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict, read_write
 
 from sparcom.config import AnalyzeConfig, TrainConfig, register, to_object
-from sparcom.config_check import ConfigError, check_run_dir, one_line
+from sparcom.config_check import ConfigError, check_run_dir
+from sparcom.config_errors import one_line
 from sparcom.training import Launch
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -437,7 +437,8 @@ def to_object(cfg: DictConfig) -> TrainConfig | AnalyzeConfig:
     """The typed config of a composed one, checked: raises ``ConfigError`` (one line) on any
     value that the types or the rules of ``sparcom.config_check`` refuse. Enum-typed fields come
     back as plain strings, as the library takes them."""
-    from sparcom.config_check import check, check_keys, one_line
+    from sparcom.config_check import check
+    from sparcom.config_errors import check_keys, one_line
 
     check_keys(cfg)
     try:
