@@ -18,8 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparcom import cli
 from sparcom.config import TrainConfig, to_object
-from sparcom.config_check import check, check_run_dir
-from sparcom.training import Launch
+from sparcom.config_check import check, check_probe_fits, check_run_dir
+from sparcom.data import load_records
+from sparcom.training import Launch, finish_wandb, latest_checkpoint, probe_set, sft_dataset, start_wandb
 
 
 def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path:
@@ -29,22 +30,19 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         check_run_dir(run_dir, cfg.resume)
+    records = load_records(cfg.data.path, tuple(cfg.data.categories))
+    check_probe_fits(records, cfg.sparcom.probe.per_category)
 
-    import torch
+    import torch  # only now: every input is checked, and these imports take seconds
     from trl import SFTConfig, SFTTrainer
 
     from callbacks import ResilientWandbCallback, SparcomCallback
-    from sparcom.config_check import check_probe_fits
-    from sparcom.data import load_records
     from sparcom.models import load_model
-    from sparcom.training import finish_wandb, latest_checkpoint, probe_set, sft_dataset, start_wandb
 
-    records = load_records(cfg.data.path, tuple(cfg.data.categories))
-    check_probe_fits(records, cfg.sparcom.probe.per_category)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    logging = rank == 0 and start_wandb(cfg, run_dir, launch)
+    wandb_running = rank == 0 and start_wandb(cfg, run_dir, launch)
 
     probe = probe_set(records, cfg.sparcom.probe.per_category, cfg.sparcom.probe.seed)
     model, tokenizer = load_model(
@@ -80,7 +78,7 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[
-            *([ResilientWandbCallback()] if logging else []),
+            *([ResilientWandbCallback()] if wandb_running else []),
             SparcomCallback(
                 tokenizer,
                 probe,
