@@ -19,5 +19,7 @@ def __getattr__(name: str):
         return Snapshot
     try:  # a submodule, as `import sparcom; sparcom.metrics` worked when everything was imported eagerly
         return importlib.import_module(f"sparcom.{name}")
-    except ModuleNotFoundError:
+    except ModuleNotFoundError as err:
+        if err.name != f"sparcom.{name}":  # the submodule exists but an import inside it failed
+            raise
         raise AttributeError(f"module 'sparcom' has no attribute {name!r}") from None
