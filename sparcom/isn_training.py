@@ -264,3 +264,24 @@ def _parametrized_keys(name: str, index: torch.Tensor):
             ]
 
     return hook
+
+
+def lora_rank_matching(
+    model: nn.Module, trainable: int, target_modules: str | Sequence[str] = "all-linear"
+) -> int:
+    """The LoRA rank whose adapters train the number of parameters closest to ``trainable``, for a
+    like-for-like comparison with ISN-only training. A rank-``r`` adapter on an ``in x out`` linear
+    trains ``r * (in + out)``; ``target_modules`` as peft reads it: ``"all-linear"`` (every linear but
+    the output head) or module-name suffixes."""
+    hf_model = unwrap(model)
+    head = hf_model.get_output_embeddings()
+    per_rank = sum(
+        module.in_features + module.out_features
+        for name, module in hf_model.named_modules()
+        if isinstance(module, nn.Linear)
+        and module is not head
+        and (target_modules == "all-linear" or name.rsplit(".", 1)[-1] in target_modules)
+    )
+    if per_rank == 0:
+        raise ValueError(f"no linear modules match target_modules={target_modules!r}")
+    return max(1, round(trainable / per_rank))

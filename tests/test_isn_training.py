@@ -21,6 +21,7 @@ from sparcom.isn_training import (
     check_isn_settings,
     isn_only,
     load_mask,
+    lora_rank_matching,
     merge,
     save_mask,
     select_isns,
@@ -255,3 +256,16 @@ def test_bad_isn_settings_are_refused_in_one_line(tmp_path):
             isn_only(model, random_mask(model, 0.1, seed=0))
     finally:
         del zero3
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ["gate_proj", "up_proj", "down_proj"]])
+def test_the_matched_lora_rank_trains_about_as_many_parameters(targets):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = load_model("tiny-llama")
+    wanted = 3 * model.config.hidden_size * 150  # 150 ISNs
+    rank = lora_rank_matching(model, wanted, targets)
+    adapted = get_peft_model(model, LoraConfig(r=rank, target_modules=targets, task_type="CAUSAL_LM"))
+    trained = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    per_rank = trained // rank
+    assert abs(trained - wanted) <= per_rank / 2, (rank, trained, wanted)
