@@ -15,7 +15,7 @@ from scipy import stats
 from torch import nn
 
 from sparcom.data import Record
-from sparcom.intervene import intervene
+from sparcom.intervention import intervene
 from sparcom.select import NeuronSet, category_isn
 from sparcom.snapshot import Snapshot
 from sparcom.steer import ResponseLoss, loss_changes

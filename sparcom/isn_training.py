@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from sparcom.data import CATEGORIES
-from sparcom.intervene import check_neurons, neuron_sites
+from sparcom.intervention import check_neurons, neuron_sites
 from sparcom.select import SELECTION_MODES, NeuronSet, category_isn, check_epsilon
 from sparcom.sites import neuron_weights, unwrap
 from sparcom.snapshot import Snapshot

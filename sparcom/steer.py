@@ -22,7 +22,7 @@ from torch import nn
 
 from sparcom.conversation import encode
 from sparcom.data import Record
-from sparcom.intervene import check_neurons, intervene, neuron_sites, random_sets
+from sparcom.intervention import check_neurons, intervene, neuron_sites, random_sets
 from sparcom.probe import length_bucketed, pad_batch
 from sparcom.recorder import inference_mode
 from sparcom.select import NeuronSet, category_isn

@@ -11,7 +11,7 @@ import torch
 
 import sparcom
 from sparcom.conversation import encode
-from sparcom.intervene import intervene, neuron_sites, random_like, random_sets
+from sparcom.intervention import intervene, neuron_sites, random_like, random_sets
 from sparcom.models import load_model
 from sparcom.sites import architecture_of
 

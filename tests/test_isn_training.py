@@ -15,7 +15,7 @@ from trl import SFTConfig, SFTTrainer
 
 import sparcom
 from callbacks import ResilientWandbCallback, SparcomCallback
-from sparcom.intervene import intervene, neuron_sites
+from sparcom.intervention import intervene, neuron_sites
 from sparcom.isn_training import (
     MASK_FILE,
     check_isn_settings,

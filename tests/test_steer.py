@@ -13,7 +13,7 @@ import sparcom
 from sparcom.ablation import ablation_matrices
 from sparcom.conversation import encode
 from sparcom.data import CATEGORIES
-from sparcom.intervene import random_sets
+from sparcom.intervention import random_sets
 from sparcom.models import load_model
 from sparcom.select import category_isn
 from sparcom.steer import COLUMNS, ResponseLoss, dose_response, held_out, write_dose_response

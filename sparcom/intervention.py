@@ -74,6 +74,10 @@ def intervene(model: nn.Module, neurons: NeuronSet, scale: float) -> Iterator[No
                         "intervene on a merged model (sparcom.isn_training.merge)"
                     )
                 weight = getattr(owner, name)
+                if hasattr(weight, "ds_id"):
+                    raise ValueError(
+                        f"{site}.{name} is a DeepSpeed ZeRO-3 shard; intervene on a gathered model"
+                    )
                 original = weight[mask]
                 saved.append((weight, mask, original))
                 weight[mask] = 0 if scale == 0 else original * scale  # exact zeros, even for -x or nan
