@@ -63,6 +63,7 @@ def ablation_matrices(
         the draws; ``dominance``: the verdict (see ``dominance``); ``intact``: ``[C]``;
         ``neurons``: the ISN count of each category.
     """
+    null_bound(control_draws, alpha)  # refuse a bad alpha or draw count before the long passes
     categories = snapshot.categories
     sets = {c: category_isn(snapshot, c, epsilon, mode) for c in categories}
     loss = ResponseLoss(tokenizer, records, categories, batch_size, max_length)

@@ -176,14 +176,15 @@ def train_only(model: nn.Module, mask: NeuronSet) -> int:
 def merge(model: nn.Module) -> nn.Module:
     """Write the trained entries into the base parameters and remove the parametrizations: an
     ordinary model again, every parameter trainable (as ``from_pretrained`` leaves it)."""
-    hf_model = unwrap(model)
-    for module in list(hf_model.modules()):
-        for name in list(
-            getattr(module, "parametrizations", {}) if parametrize.is_parametrized(module) else {}
-        ):
-            for handle in module.parametrizations[name][0].handles:
-                handle.remove()
-            parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    for module in list(unwrap(model).modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        for name in list(module.parametrizations):
+            chosen_entries = module.parametrizations[name][0]
+            if isinstance(chosen_entries, ChosenEntries):
+                for handle in chosen_entries.handles:
+                    handle.remove()
+                parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return model.requires_grad_(True)
 
 
