@@ -49,7 +49,7 @@ if __name__ == "__main__":
         args=args,
         train_dataset=sft_dataset(per_category(2), tokenizer, 128),
         processing_class=tokenizer,
-        callbacks=[SparcomCallback(tokenizer, per_category(1), log_figures=False)],
+        callbacks=[SparcomCallback(tokenizer, per_category(1))],
     )
     trainer.train()
     if trainer.is_world_process_zero():

@@ -159,7 +159,7 @@ def test_isn_only_sft_with_the_drift_callback_and_wandb(tmp_path, monkeypatch):
     )
     callbacks = [
         ResilientWandbCallback(),
-        SparcomCallback(tokenizer, probe, epsilons=[0.5], log_figures=False),
+        SparcomCallback(tokenizer, probe, epsilons=[0.5]),
     ]
     trainer = SFTTrainer(
         model=model,
