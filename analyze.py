@@ -76,10 +76,8 @@ def analyze(cfg: AnalyzeConfig, out: Path) -> list[Path]:
     from sparcom.report import write_index
 
     records = load_records(cfg.data.path)
-    reports = [
-        (compare if cfg.mode == "compare" else ablate)(cfg, out / item.name / cfg.mode, item, records)
-        for item in inputs_of(cfg)
-    ]
+    work = {"compare": compare, "ablate": ablate, "steer": steer}[str(cfg.mode)]
+    reports = [work(cfg, out / item.name / str(cfg.mode), item, records) for item in inputs_of(cfg)]
     write_index(out)
     return reports
 
@@ -149,6 +147,27 @@ def ablate(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
         per_category=a.per_category,
         seed=a.seed,
         batch_size=a.batch_size,
+        control_draws=cfg.stats.control_draws,
+        dtype=cfg.dtype,
+    )
+
+
+def steer(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
+    from sparcom.workflows import write_steering
+
+    snapshot = recorded(cfg, item.tuned, records)
+    st = cfg.steer
+    return write_steering(
+        out,
+        item.model,
+        snapshot,
+        records,
+        scales=st.scales,
+        epsilon=st.epsilon,
+        selection_mode=cfg.sparcom.selection_mode,
+        per_category=st.per_category,
+        seed=st.seed,
+        batch_size=st.batch_size,
         control_draws=cfg.stats.control_draws,
         dtype=cfg.dtype,
     )

@@ -20,7 +20,15 @@ from sparcom import cli
 from sparcom.config import TrainConfig, to_object
 from sparcom.config_check import check, check_probe_fits, check_run_dir
 from sparcom.data import load_records
-from sparcom.training import Launch, finish_wandb, latest_checkpoint, probe_set, sft_dataset, start_wandb
+from sparcom.training import (
+    Launch,
+    finish_wandb,
+    latest_checkpoint,
+    log_settings,
+    probe_set,
+    sft_dataset,
+    start_wandb,
+)
 
 
 def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path:
@@ -65,6 +73,9 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
         seed=cfg.seed,
         run_name=cfg.logger.name or run_dir.name,
     )
+    base = None
+    if cfg.trainer.isn is not None:  # train the base model's ISNs only
+        base = isn_setup(cfg, model, tokenizer, probe, run_dir, rank)
     peft_config = None
     if cfg.trainer.peft is not None:
         from peft import LoraConfig
@@ -91,6 +102,7 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
                 on_save=sparcom.record.on_save,
                 every_steps=sparcom.record.every_steps,
                 overlap_epsilon=sparcom.overlap_epsilon,
+                base=base,
             ),
         ],
     )
@@ -98,6 +110,45 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finish_wandb()  # the next job of a sweep runs in this process and must start its own W&B run
     return run_dir
+
+
+def isn_setup(cfg: TrainConfig, model, tokenizer, probe, run_dir: Path, rank: int):
+    """Parametrize ``model`` to train only the ISNs its recording of the probe set selects (on
+    resume: the mask the run saved); returns that recording, the run's step-0 snapshot (None on resume)."""
+    from sparcom.isn_training import MASK_FILE, isn_only
+    from sparcom.probe import record
+
+    s, isn = cfg.sparcom, cfg.trainer.isn
+    snapshot = None
+    if cfg.resume:  # the mask the run chose at its start (every rank takes the same branch)
+        selection = run_dir / MASK_FILE
+    else:
+        snapshot = record(
+            model,
+            tokenizer,
+            probe,
+            token_scope=s.token_scope,
+            batch_size=s.probe.batch_size,
+            per_instruction=s.probe.per_instruction,
+            progress=rank == 0,
+            step=0,
+        )
+        selection = snapshot
+    setup = isn_only(
+        model, selection, run_dir if rank == 0 else None, isn.epsilon, isn.categories, isn.selection_mode
+    )
+    if rank == 0:
+        print(setup)
+        log_settings(
+            {
+                "isn": {
+                    "neurons": setup.neurons,
+                    "trainable_parameters": setup.trainable,
+                    "total_parameters": setup.total,
+                }
+            }
+        )
+    return snapshot
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

@@ -3,7 +3,7 @@
 import importlib
 
 __version__ = "0.1.0"
-__all__ = ["Snapshot", "__version__", "record"]
+__all__ = ["Snapshot", "__version__", "intervene", "record"]
 
 
 def __getattr__(name: str):
@@ -17,6 +17,10 @@ def __getattr__(name: str):
         from sparcom.snapshot import Snapshot
 
         return Snapshot
+    if name == "intervene":
+        from sparcom.intervention import intervene
+
+        return intervene
     try:  # a submodule, as `import sparcom; sparcom.metrics` worked when everything was imported eagerly
         return importlib.import_module(f"sparcom.{name}")
     except ModuleNotFoundError as err:

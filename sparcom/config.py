@@ -235,14 +235,31 @@ class PeftConfig:
 
 
 @dataclass
+class IsnTrainingConfig:
+    """ISN-only fine-tuning (trainer=isn): train the ISNs the base model's step-0 recording selects.
+
+    Parameters:
+        epsilon: the epsilon of the trained ISNs.
+        categories: whose ISNs are trained (their union); null: all six.
+        selection_mode: how epsilon selects them.
+    """
+
+    epsilon: float = 0.5
+    categories: list[Category] | None = None
+    selection_mode: SelectionMode = SelectionMode.threshold
+
+
+@dataclass
 class TrainerConfig:
     """Parameters:
     args: every TRL SFTConfig field (trainer.args.<field>=...).
     peft: LoRA settings; null trains every parameter.
+    isn: ISN-only settings; null trains every parameter (or the LoRA adapters).
     """
 
     args: SFTArgs = field(default_factory=SFTArgs)
     peft: PeftConfig | None = None
+    isn: IsnTrainingConfig | None = None
 
 
 @dataclass
@@ -361,19 +378,29 @@ class AblateConfig:
 
 @dataclass
 class SteerConfig:
-    """Parameters:
-    scales: factors applied to a category's ISN activations.
+    """Steering: scale each category's ISN activations, measure the response loss on every category.
+
+    Parameters:
+        scales: factors applied to the ISNs' activations (0 silences them, 1 changes nothing).
+        epsilon: the epsilon of the ISNs scaled.
+        per_category: held-out instructions per category on which the loss is measured.
+        seed: which held-out instructions, and the random control's neurons.
+        batch_size: conversations per forward pass.
     """
 
     scales: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.5, 2.0, 3.0])
+    epsilon: float = 0.5
+    per_category: int = 20
+    seed: int = 0
+    batch_size: int = 8
 
 
 @dataclass
 class ExplainConfig:
     """Parameters:
-    per_category: instructions per category shown for a neuron.
-    top: neurons listed per category.
-    neuron: one neuron to explain (``<site>:<index>``); null lists the top ones.
+    per_category: the most specific ISNs of each category that are explained.
+    top: the top-activating probe contexts kept for each neuron.
+    neuron: one neuron to print (``<site>:<index>``, the index ``i`` or ``expert,i``); null explains them all.
     """
 
     per_category: int = 20

@@ -141,6 +141,9 @@ def check_train(cfg: TrainConfig) -> None:
             raise ConfigError(
                 f"trainer.peft.lora_dropout: {peft.lora_dropout!r} is not allowed; expected a number in [0, 1)"
             )
+    if cfg.trainer.isn is not None:
+        isn = cfg.trainer.isn
+        check_isn_training(isn.epsilon, isn.categories, cfg.deepspeed.config, peft, "trainer.isn.")
     config = cfg.deepspeed.config
     if isinstance(config, str):
         existing_file(
@@ -158,15 +161,43 @@ def check_train(cfg: TrainConfig) -> None:
         )
 
 
+def check_isn_training(
+    epsilon: float, categories: list[str] | None, deepspeed: Any, peft: Any, prefix: str = ""
+) -> None:
+    """ISN-only fine-tuning: its epsilon and categories, and what it cannot be combined with."""
+    check_epsilon(f"{prefix}epsilon", epsilon)
+    if categories is not None and not categories:
+        raise ConfigError(f"{prefix}categories: [] is empty; expected null (all six) or some categories")
+    stage = (
+        ((deepspeed or {}).get("zero_optimization") or {}).get("stage", 0)
+        if isinstance(deepspeed, dict)
+        else 0
+    )
+    if stage == 3:
+        raise ConfigError(
+            "deepspeed: ZeRO-3 is not supported with trainer=isn (it shards the frozen base weights that every "
+            "forward reads); expected deepspeed=zero2 or none"
+        )
+    if peft is not None:
+        raise ConfigError(
+            "trainer.peft: LoRA cannot be combined with trainer=isn; expected trainer.peft=null"
+        )
+
+
 def check_analyze(cfg: AnalyzeConfig) -> None:
-    if cfg.mode in ("steer", "explain"):
-        raise ConfigError(f"mode: {str(cfg.mode)!r} is not available yet; expected compare or ablate")
+    if cfg.mode == "explain":
+        raise ConfigError(f"mode: {str(cfg.mode)!r} is not available yet; expected compare, ablate or steer")
     if cfg.device_map is not None:  # models load whole, on the GPU when there is one
         raise ConfigError(f"device_map: {cfg.device_map!r} is not available yet; expected null")
     cfg.sweep_epsilons = epsilon_list("sweep_epsilons", cfg.sweep_epsilons)
-    check_epsilon("ablate.epsilon", cfg.ablate.epsilon)
-    positive("ablate.per_category", cfg.ablate.per_category)
-    positive("ablate.batch_size", cfg.ablate.batch_size)
+    for name, settings in (("ablate", cfg.ablate), ("steer", cfg.steer)):
+        check_epsilon(f"{name}.epsilon", settings.epsilon)
+        positive(f"{name}.per_category", settings.per_category)
+        positive(f"{name}.batch_size", settings.batch_size)
+    if not cfg.steer.scales:
+        raise ConfigError("steer.scales: [] is empty; expected factors such as [0, 0.5, 1.5, 2, 3]")
+    if cfg.stats.control_draws < 2:
+        raise ConfigError(f"stats.control_draws: {cfg.stats.control_draws!r} is too few; expected at least 2")
     if cfg.run is not None:
         if cfg.base or cfg.tuned or cfg.pairs:
             raise ConfigError(
@@ -201,12 +232,12 @@ def check_inputs(prefix: str, base: str | None, tuned: str | None, mode: str) ->
             f"{prefix}tuned: null; expected a snapshot file, conf/model preset, model folder "
             f"or hub id to compare with {prefix}base"
         )
-    if mode == "ablate":
+    if mode in ("ablate", "steer"):
         key, spec = (f"{prefix}tuned", tuned) if tuned else (f"{prefix}base", base)
         if spec.endswith(".safetensors"):
             raise ConfigError(
-                f"{key}: {spec!r} is a snapshot, which cannot be ablated; expected a model "
-                "(a run folder, conf/model preset, model folder or hub id)"
+                f"{key}: {spec!r} is a snapshot, and mode={mode} needs a model; expected "
+                "a run folder, conf/model preset, model folder or hub id"
             )
     for key, spec in ((f"{prefix}base", base), (f"{prefix}tuned", tuned)):
         if spec and spec.endswith(".safetensors"):

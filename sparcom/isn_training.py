@@ -26,9 +26,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sparcom.config_check import check_isn_training
 from sparcom.data import CATEGORIES
 from sparcom.intervention import check_neurons, neuron_sites
-from sparcom.select import SELECTION_MODES, NeuronSet, category_isn, check_epsilon
+from sparcom.select import SELECTION_MODES, NeuronSet, category_isn
 from sparcom.sites import neuron_weights, unwrap
 from sparcom.snapshot import Snapshot
 
@@ -78,27 +79,14 @@ def check_isn_settings(
     peft: object = None,
 ) -> None:
     """Refuse bad ISN-training settings in one line each, before any model is loaded."""
-    check_epsilon(epsilon)
+    check_isn_training(epsilon, None if categories is None else list(categories), deepspeed, peft)
     if selection_mode not in SELECTION_MODES:
         raise ValueError(
             f"unknown selection mode {selection_mode!r}; expected one of {list(SELECTION_MODES)}"
         )
-    if categories is not None:
-        unknown = [c for c in categories if c not in CATEGORIES]
-        if unknown or not categories:
-            raise ValueError(
-                f"ISN categories {list(categories)!r}: expected a non-empty subset of {list(CATEGORIES)}"
-            )
-    stage = ((deepspeed or {}).get("zero_optimization") or {}).get("stage", 0)
-    if stage == 3:
-        raise ValueError(
-            "ISN-only training does not support DeepSpeed ZeRO-3 (it shards the frozen base weights that every "
-            "forward reads); use deepspeed=zero2 or none"
-        )
-    if peft:
-        raise ValueError(
-            "ISN-only training trains neurons of the base weights; it cannot be combined with LoRA"
-        )
+    unknown = [c for c in categories or [] if c not in CATEGORIES]
+    if unknown:
+        raise ValueError(f"ISN categories {unknown!r} are unknown; expected some of {list(CATEGORIES)}")
 
 
 def select_isns(

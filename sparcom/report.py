@@ -457,3 +457,26 @@ def write_ablation(
         + f"; {len(result['control_draws'])} random-neuron draws per row with the same per-site counts.</p>"
     )
     return write_page(out / PAGE, f"SPARCOM ablation: {model}", sections, header=setting)
+
+
+def write_steering(
+    rows: list[dict], figure_paths: dict, out: Path, *, model: str, epsilon: float, control_draws: int
+) -> Path:
+    """The dose-response page: per steered category, the loss change on every category against scale."""
+    own = [r for r in rows if r["steered"] == r["evaluated"]]
+    table = Table(
+        "",
+        ["steered = evaluated", "scale", "loss change", "control mean", "control SD"],
+        [[r["steered"], r["scale"], r["loss_delta"], r["control_mean"], r["control_sd"]] for r in own],
+    )
+    figures_html = "".join(_figure(path, f"Scaling the {name} ISNs") for name, path in figure_paths.items())
+    setting = (
+        f"<p>Model {html.escape(model)}; ISNs at eps={epsilon:g}; the response loss on held-out instructions "
+        f"of every category; dashed lines and bands: {control_draws} random-neuron sets of the same per-site "
+        "sizes (mean, 1 SD). All rows are in dose_response.csv.</p>"
+    )
+    sections = [
+        ("Dose response", [f'<div class="grid">{figures_html}</div>']),
+        ("On the steered category", [table.html()]),
+    ]
+    return write_page(out / PAGE, f"SPARCOM steering: {model}", sections, header=setting)

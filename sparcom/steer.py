@@ -203,10 +203,10 @@ def dose_response_rows(changes: LossChanges) -> list[dict]:
     ]
 
 
-def write_dose_response(rows: list[dict], out: str | Path) -> dict:
-    """Write ``<out>/steer/dose_response.csv`` and ``<out>/steer/figures/dose_response_<category>.png``
+def write_dose_response(rows: list[dict], folder: str | Path) -> dict:
+    """Write ``<folder>/dose_response.csv`` and ``<folder>/figures/dose_response_<category>.png``
     (one per steered category); returns ``{"table": path, "figures": {category: path}}``."""
-    folder = Path(out) / "steer"
+    folder = Path(folder)
     (folder / "figures").mkdir(parents=True, exist_ok=True)
     table = folder / "dose_response.csv"
     with open(table, "w", newline="") as handle:

@@ -145,6 +145,17 @@ def start_wandb(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -
     return True
 
 
+def log_settings(values: dict) -> None:
+    """Add settings found during the run (e.g. trainable parameters) to the W&B run's config."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.config.update(values, allow_val_change=True)
+    except Exception as err:  # noqa: BLE001 - W&B must never stop a run
+        warnings.warn(f"W&B: could not log {sorted(values)} ({err})", stacklevel=2)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint of a run. The trainer writes ``trainer_state.json`` last, so a
     checkpoint folder without it was cut short (a killed job) and is passed over."""

@@ -184,3 +184,47 @@ def write_ablation(
         epsilon=epsilon,
         held_out=all(r["id"] not in set(snapshot.instruction_ids) for r in evaluated),
     )
+
+
+def write_steering(
+    out: Path,
+    model_spec: dict,
+    snapshot: Snapshot,
+    records: list[Record],
+    *,
+    scales: list[float],
+    epsilon: float,
+    selection_mode: str,
+    per_category: int,
+    seed: int,
+    batch_size: int,
+    control_draws: int,
+    dtype: str | None = None,
+) -> Path:
+    """Scale each category's ISNs by each factor and measure the response-loss change on held-out
+    instructions of every category, against random neurons of the same per-site counts."""
+    from sparcom.steer import dose_response, held_out, write_dose_response
+
+    model, tokenizer = load_for_analysis(model_spec, dtype)
+    evaluated = held_out(records, snapshot, per_category, seed)
+    rows = dose_response(
+        model,
+        tokenizer,
+        evaluated,
+        snapshot,
+        epsilon,
+        selection_mode,
+        scales,
+        control_draws,
+        seed,
+        batch_size,
+    )
+    written = write_dose_response(rows, out)
+    return report.write_steering(
+        rows,
+        written["figures"],
+        out,
+        model=model_spec["name_or_path"],
+        epsilon=epsilon,
+        control_draws=control_draws,
+    )

@@ -178,7 +178,14 @@ def test_ablation_through_the_command_line_leaves_the_comparison_alone(run):
     analyzed(f"run={run}")
     compared = (run / "analysis" / "compare" / "report.html").read_bytes()
     done = subprocess.run(
-        [sys.executable, str(ROOT / "analyze.py"), "mode=ablate", f"run={run}", "ablate.per_category=3"],
+        [
+            sys.executable,
+            str(ROOT / "analyze.py"),
+            "mode=ablate",
+            f"run={run}",
+            "ablate.per_category=3",
+            "stats.control_draws=2",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -222,3 +229,20 @@ def test_zeroing_neurons_equals_silencing_their_activations(small_records):
         handle.remove()
     assert torch.allclose(edited, silenced, atol=1e-10)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.slow
+def test_steering_writes_the_dose_response_table_and_figures(run):
+    [page] = analyzed(
+        f"run={run}", "mode=steer", "steer.per_category=2", "steer.scales=[0,1,2]", "stats.control_draws=2"
+    )
+    out = run / "analysis" / "steer"
+    assert page == out / "report.html"
+    with open(out / "dose_response.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["steered", "evaluated", "scale", "loss_delta", "control_mean", "control_sd"]
+    assert len(rows) == 6 * 6 * 3
+    unchanged = [r for r in rows if float(r["scale"]) == 1]
+    assert all(float(r["loss_delta"]) == 0 and float(r["control_mean"]) == 0 for r in unchanged)
+    assert len(list((out / "figures").glob("dose_response_*.png"))) == 6
+    assert 'href="steer/report.html"' in (run / "analysis" / "index.html").read_text()

@@ -112,7 +112,7 @@ def test_dose_response_writes_the_table_and_figures(tiny, tmp_path):
     assert any(row["control_sd"] > 0 for row in rows if row["scale"] != 1.0)
 
     written = write_dose_response(rows, tmp_path)
-    assert written["table"] == tmp_path / "steer" / "dose_response.csv"
+    assert written["table"] == tmp_path / "dose_response.csv"
     with open(written["table"]) as handle:
         back = list(csv.DictReader(handle))
     assert tuple(back[0]) == COLUMNS and len(back) == len(rows)

@@ -198,3 +198,23 @@ def test_lora_run_records_the_adapted_model(tmp_path):
         points[-1].wandb_metrics()["sparcom/isn_jaccard/base/eps=0.5/mean"] < 1.0
     )  # the adapters moved the ISNs
     assert (run_dir / "checkpoint-6" / "adapter_config.json").is_file()
+
+
+@pytest.mark.slow
+def test_isn_only_run_trains_the_base_models_isns_and_nothing_else(tmp_path):
+    from safetensors.torch import load_file
+    from test_isn_training import assert_only_isns_moved, entries_of
+
+    run_dir = train(compose("train", [*SMOKE, "trainer=isn", "trainer.isn.epsilon=0.7"]), tmp_path / "run")
+    mask = load_file(run_dir / "isn_mask.safetensors")
+    base_snapshot = Snapshot.load(snapshot_series(run_dir / "snapshots")[0])
+    expected = sparcom.isn_training.select_isns(base_snapshot, 0.7)  # the step-0 recording's ISNs
+    assert set(mask) == set(expected) and all(torch.equal(mask[s], expected[s]) for s in mask)
+    base, _ = load_model("tiny-qwen2-moe")
+    tuned, _ = load_model(str(run_dir / "checkpoint-6"))
+    # Byte for byte outside the mask, every ISN entry moved: in the checkpoint analyze.py loads.
+    assert_only_isns_moved(base.state_dict(), tuned.state_dict(), mask)
+    trained = entries_of(mask, base.state_dict())
+    settings = config(run_file(run_dir / "wandb"))
+    assert settings["isn"]["trainable_parameters"] == sum(int(m.sum()) for m in trained.values())
+    assert settings["isn"]["neurons"] == sum(int(m.sum()) for m in mask.values())
