@@ -47,6 +47,7 @@ class SparcomCallback(TrainerCallback):
         every_steps: int | None = None,
         overlap_epsilon: float = 0.5,
         draw_figures: bool = True,
+        base: Snapshot | None = None,
     ):
         for epsilon in [*epsilons, overlap_epsilon]:
             check_epsilon(epsilon)
@@ -69,6 +70,7 @@ class SparcomCallback(TrainerCallback):
         self.overlap_epsilon = overlap_epsilon
         self.draw_figures = draw_figures
         self.base: Snapshot | None = None
+        self._recorded_base = base  # a step-0 recording made already (to select ISNs): not redone
         self.previous: Snapshot | None = None
         self.last_step: int | None = None
         self.points: dict[int, DriftPoint] = {}  # what drift.jsonl holds, by step
@@ -130,16 +132,19 @@ class SparcomCallback(TrainerCallback):
         step = state.global_step
         if step == self.last_step:
             return
-        snapshot = record(
-            model,
-            self.tokenizer,
-            self.records,
-            token_scope=self.token_scope,
-            batch_size=self.batch_size,
-            per_instruction=self.per_instruction,
-            progress=False,
-            step=step,
-        )
+        if step == 0 and self._recorded_base is not None:
+            snapshot = self._recorded_base
+        else:
+            snapshot = record(
+                model,
+                self.tokenizer,
+                self.records,
+                token_scope=self.token_scope,
+                batch_size=self.batch_size,
+                per_instruction=self.per_instruction,
+                progress=False,
+                step=step,
+            )
         self.last_step = step
         if state.is_world_process_zero:
             path = self.snapshot_dir / SNAPSHOT_NAME.format(step=step)

@@ -371,3 +371,112 @@ def write_index(root: Path) -> Path:
         for p in reports
     )
     return write_page(root / "index.html", f"sparcom analysis: {root}", [("Reports", [f"<ul>{items}</ul>"])])
+
+
+# ---------------------------------------------------------------------------------- ablation
+
+
+def write_ablation(
+    result: dict, categories: list[str], out: Path, *, model: str, epsilon: float, held_out: bool
+) -> Path:
+    """The causal check: loss changes with each category's ISNs zeroed, against random-neuron draws."""
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(exist_ok=True)
+    rows = [f"zero {k} ({n})" for k, n in zip(categories, result["neurons"], strict=True)]
+    matrices = {
+        "isn_delta": result["delta"],
+        "control_mean": result["control"],
+        "control_sd": result["control_sd"],
+        "z": result["z"],
+    }
+    for name, matrix in matrices.items():
+        Table(
+            f"ablation_{name}",
+            ["zeroed", *categories],
+            [[r, *v] for r, v in zip(rows, matrix.tolist(), strict=True)],
+        ).write(out / "tables")
+    intact = Table(
+        "intact_loss",
+        ["category", "loss (nats/token)"],
+        [[k, float(v)] for k, v in zip(categories, result["intact"], strict=True)],
+    )
+    intact.write(out / "tables")
+    dominance = result["dominance"]
+    summary = {
+        "model": model,
+        "epsilon": epsilon,
+        "held_out": held_out,
+        "categories": categories,
+        "neurons": result["neurons"],
+        "intact_loss": [float(v) for v in result["intact"]],
+        **{name: m.tolist() for name, m in matrices.items()},
+        "dominance": dominance,
+    }
+    (out / "ablation.json").write_text(json.dumps(summary, indent=2))
+    changes = figures.heatmaps(
+        {"ISNs zeroed": result["delta"].numpy(), "random neurons (mean of draws)": result["control"].numpy()},
+        categories,
+        out / "figures" / "loss_change.png",
+        "response-loss change (nats/token)",
+        "Loss change when a category's neurons are zeroed",
+        row_labels=rows,
+        diverging=True,
+    )
+    marks = {"z": np.diag(dominance["rows"])}
+    z = figures.heatmaps(
+        {"z": result["z"].numpy()},
+        categories,
+        out / "figures" / "z.png",
+        "z-score against the random-neuron draws",
+        "ISN loss change in control SDs",
+        row_labels=rows,
+        diverging=True,
+        marks=marks,
+    )
+    sections = [
+        ("Verdict", [f'<p class="note">{html.escape(dominance["verdict"])}</p>']),
+        (
+            "Loss changes",
+            [
+                _figure(
+                    changes,
+                    "Rows: whose neurons are zeroed (their count); columns: evaluated category. One colour scale.",
+                ),
+                _figure(z, "Outlined: rows where the diagonal passes the rule"),
+            ],
+        ),
+        ("Intact response loss", [intact.html()]),
+    ]
+    setting = (
+        f"<p>Model {html.escape(model)}; ISNs at eps={epsilon:g}; loss on "
+        + (
+            "held-out instructions (not used to select the ISNs)"
+            if held_out
+            else "instructions that include the probe set"
+        )
+        + f"; {len(result['control_draws'])} random-neuron draws per row with the same per-site counts.</p>"
+    )
+    return write_page(out / PAGE, f"SPARCOM ablation: {model}", sections, header=setting)
+
+
+def write_steering(
+    rows: list[dict], figure_paths: dict, out: Path, *, model: str, epsilon: float, control_draws: int
+) -> Path:
+    """The dose-response page: per steered category, the loss change on every category against scale."""
+    own = [r for r in rows if r["steered"] == r["evaluated"]]
+    table = Table(
+        "",
+        ["steered = evaluated", "scale", "loss change", "control mean", "control SD"],
+        [[r["steered"], r["scale"], r["loss_delta"], r["control_mean"], r["control_sd"]] for r in own],
+    )
+    figures_html = "".join(_figure(path, f"Scaling the {name} ISNs") for name, path in figure_paths.items())
+    setting = (
+        f"<p>Model {html.escape(model)}; ISNs at eps={epsilon:g}; the response loss on held-out instructions "
+        f"of every category; dashed lines and bands: {control_draws} random-neuron sets of the same per-site "
+        "sizes (mean, 1 SD). All rows are in dose_response.csv.</p>"
+    )
+    sections = [
+        ("Dose response", [f'<div class="grid">{figures_html}</div>']),
+        ("On the steered category", [table.html()]),
+    ]
+    return write_page(out / PAGE, f"SPARCOM steering: {model}", sections, header=setting)

@@ -15,6 +15,8 @@ from sparcom.data import Record
 from sparcom.drift import read_drift
 from sparcom.snapshot import Snapshot, SnapshotError, snapshot_series
 
+REPORT = "report.html"
+
 # Training settings worth a place in a report's header, by their trainer.args name.
 RUN_SETTINGS = (
     "learning_rate",
@@ -84,6 +86,33 @@ def tokenizer_for(spec: dict | None, snapshot: Snapshot):
     return load_tokenizer(spec["name_or_path"], spec.get("chat_template_from"))
 
 
+def record_model(
+    spec: dict,
+    records: list[Record],
+    *,
+    per_category: int,
+    seed: int,
+    token_scope: str,
+    batch_size: int,
+    per_instruction: bool,
+    dtype: str | None = None,
+) -> Snapshot:
+    """Record a model (a spec as ``load_for_analysis`` takes) on the seeded probe set."""
+    from sparcom.probe import record
+    from sparcom.training import probe_set
+
+    model, tokenizer = load_for_analysis(spec, dtype)
+    probe = probe_set(records, per_category, seed)
+    return record(
+        model,
+        tokenizer,
+        probe,
+        token_scope=token_scope,
+        batch_size=batch_size,
+        per_instruction=per_instruction,
+    )
+
+
 def write_comparison(
     out: Path,
     base: Snapshot,
@@ -92,6 +121,7 @@ def write_comparison(
     *,
     records: list[Record],
     tokenizer,
+    tokenizer_missing: str | None = None,
     epsilons: list[float],
     selection_mode: str,
     overlap_epsilon: float,
@@ -116,4 +146,85 @@ def write_comparison(
         drift=drift,
         run=run_settings,
     )
+    if tokenizer is None and tokenizer_missing:
+        comparison.notes["token_control"] = tokenizer_missing
     return report.write_comparison(comparison, out)
+
+
+def write_ablation(
+    out: Path,
+    model_spec: dict,
+    snapshot: Snapshot,
+    records: list[Record],
+    *,
+    epsilon: float,
+    selection_mode: str,
+    per_category: int,
+    seed: int,
+    batch_size: int,
+    control_draws: int,
+    dtype: str | None = None,
+) -> Path:
+    """Zero each category's ISNs (selected on ``snapshot``) and, as the null, as many random
+    neurons from the same sites ``control_draws`` times; measure the response loss on held-out
+    instructions of every category and write the report folder; returns its page."""
+    from sparcom.ablation import ablation_matrices
+    from sparcom.steer import held_out
+
+    model, tokenizer = load_for_analysis(model_spec, dtype)
+    evaluated = held_out(records, snapshot, per_category, seed)
+    result = ablation_matrices(
+        model, tokenizer, evaluated, snapshot, epsilon, selection_mode, seed, batch_size, control_draws
+    )
+    return report.write_ablation(
+        result,
+        snapshot.categories,
+        out,
+        model=model_spec["name_or_path"],
+        epsilon=epsilon,
+        held_out=all(r["id"] not in set(snapshot.instruction_ids) for r in evaluated),
+    )
+
+
+def write_steering(
+    out: Path,
+    model_spec: dict,
+    snapshot: Snapshot,
+    records: list[Record],
+    *,
+    scales: list[float],
+    epsilon: float,
+    selection_mode: str,
+    per_category: int,
+    seed: int,
+    batch_size: int,
+    control_draws: int,
+    dtype: str | None = None,
+) -> Path:
+    """Scale each category's ISNs by each factor and measure the response-loss change on held-out
+    instructions of every category, against random neurons of the same per-site counts."""
+    from sparcom.steer import dose_response, held_out, write_dose_response
+
+    model, tokenizer = load_for_analysis(model_spec, dtype)
+    evaluated = held_out(records, snapshot, per_category, seed)
+    rows = dose_response(
+        model,
+        tokenizer,
+        evaluated,
+        snapshot,
+        epsilon,
+        selection_mode,
+        scales,
+        control_draws,
+        seed,
+        batch_size,
+    )
+    written = write_dose_response(rows, out)
+    return report.write_steering(
+        rows,
+        written["figures"],
+        out,
+        model=model_spec["name_or_path"],
+        epsilon=epsilon,
+        control_draws=control_draws,
+    )
