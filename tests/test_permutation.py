@@ -79,7 +79,8 @@ def _dataset(rng, exchangeable: bool):
 
 def test_diagonal_dominance_is_calibrated_under_exchangeable_categories():
     """Every instruction drawn from one distribution: the overall test rejects at 0.05 in about 5%
-    of datasets, and the per-category tests after Holm reject anything in at most about 5%."""
+    of datasets, and the per-category tests after Holm reject anything in at most about 5% (8 and
+    7 of 200 measured)."""
     rng = np.random.default_rng(0)
     overall, family = 0, 0
     for dataset in range(DATASETS):
@@ -118,7 +119,8 @@ def test_token_control_effect_is_the_regression_coefficient():
 
 def test_token_control_keeps_vocabulary_only_structure_at_the_nominal_rate():
     """ISN overlap driven by token overlap alone (categories differ only in vocabulary, and
-    same-category pairs share more ISNs): not called category-specific in more than about 5%."""
+    same-category pairs share more ISNs): not called category-specific in more than about 5% (0 of
+    200 measured: here the effect beyond tokens is slightly negative, -0.01)."""
     rng = np.random.default_rng(3)
     called, raw = 0, 0
     for dataset in range(DATASETS):
@@ -131,6 +133,26 @@ def test_token_control_keeps_vocabulary_only_structure_at_the_nominal_rate():
             raw += uncontrolled.overall.p_value < 0.05
     assert called <= MOST_REJECTIONS
     assert raw >= 18
+
+
+def test_token_control_is_calibrated_when_isn_similarity_follows_token_similarity_exactly():
+    """ISN similarity a curved function of real token similarity plus instruction effects (some
+    instructions overlap with every other) and noise, categories otherwise irrelevant: called
+    category-specific in about 5% of datasets (8 of 200 measured). Shuffling the raw labels instead
+    rejects such a null in about 40% of datasets: it ignores the instruction effects that the
+    residual of the same-category indicator carries."""
+    rng = np.random.default_rng(5)
+    called = 0
+    for dataset in range(DATASETS):
+        snapshot, present = vocabulary_snapshot(rng, 8)
+        tokens = pairwise_jaccard(present)
+        size = tokens.shape[0]
+        effect = torch.from_numpy(rng.normal(0, 0.05, size))
+        noise = torch.from_numpy(rng.normal(0, 0.03, (size, size)))
+        isn = 0.1 + 2 * tokens**2 + effect[:, None] + effect[None] + (noise + noise.T) / 2
+        labels = snapshot.instruction_categories
+        called += token_control(isn, tokens, labels, permutations=199, seed=dataset).p_value < 0.05
+    assert 1 <= called <= MOST_REJECTIONS
 
 
 def test_token_control_finds_category_structure_beyond_tokens():
