@@ -103,6 +103,7 @@ def recorded(cfg: AnalyzeConfig, side, records):
 
 
 def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
+    from sparcom.comparison import Statistics
     from sparcom.workflows import tokenizer_for, write_comparison
 
     base, tuned = recorded(cfg, item.base, records), recorded(cfg, item.tuned, records)
@@ -114,7 +115,8 @@ def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
             None,
             f"no tokenizer for {spec['name_or_path'] if spec else base.meta.get('model')} ({err})",
         )
-    s = cfg.sparcom
+    s, st = cfg.sparcom, cfg.stats
+    statistics = Statistics(st.resamples, st.permutations, st.splits, st.seed) if st.enabled else None
     return write_comparison(
         out,
         base,
@@ -127,6 +129,7 @@ def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
         selection_mode=s.selection_mode,
         overlap_epsilon=s.overlap_epsilon,
         sweep_epsilons=cfg.sweep_epsilons,
+        statistics=statistics,
         drift=item.run.drift() if item.run else None,
         run_settings=item.run.settings if item.run else None,
     )

@@ -103,6 +103,8 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
                 every_steps=sparcom.record.every_steps,
                 overlap_epsilon=sparcom.overlap_epsilon,
                 base=base,
+                stability_splits=cfg.stats.splits if cfg.stats.enabled else None,
+                seed=cfg.stats.seed,
             ),
         ],
     )

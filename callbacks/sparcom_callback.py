@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 from sparcom.analysis import layer_profiles, overlap_matrix
 from sparcom.drift import TABLE_COLUMNS, DriftPoint, append_drift, drift_point, read_drift, write_drift
 from sparcom.probe import record
+from sparcom.resampling import sampling_stability
 from sparcom.select import SELECTION_MODES, check_epsilon
 from sparcom.snapshot import SNAPSHOT_NAME, Snapshot, snapshot_series
 
@@ -21,7 +22,8 @@ class SparcomCallback(TrainerCallback):
 
     Each snapshot is saved atomically in ``snapshot_dir`` (default ``<output_dir>/snapshots``).
     Drift against the base snapshot and the previous one (ISN Jaccard per category for every
-    epsilon, with its chance level; ISE Pearson for MoE models) is written to ``drift.jsonl``
+    epsilon, with its chance level; ISE Pearson for MoE models; at step 0 the split-half stability
+    of the probe's ISN sets, ``stability_splits`` splits) is written to ``drift.jsonl``
     beside the snapshots and, when a W&B run is active, logged under ``sparcom/...`` keys on the
     trainer's global step, so it lines up with ``train/loss``. The overlap matrix and layer
     profile at ``overlap_epsilon`` are drawn to ``snapshot_dir/figures`` (and logged to W&B).
@@ -48,6 +50,8 @@ class SparcomCallback(TrainerCallback):
         overlap_epsilon: float = 0.5,
         draw_figures: bool = True,
         base: Snapshot | None = None,
+        stability_splits: int | None = 20,
+        seed: int = 0,
     ):
         for epsilon in [*epsilons, overlap_epsilon]:
             check_epsilon(epsilon)
@@ -71,6 +75,7 @@ class SparcomCallback(TrainerCallback):
         self.draw_figures = draw_figures
         self.base: Snapshot | None = None
         self._recorded_base = base  # a step-0 recording made already (to select ISNs): not redone
+        self.stability_splits, self.seed = stability_splits, seed
         self.previous: Snapshot | None = None
         self.last_step: int | None = None
         self.points: dict[int, DriftPoint] = {}  # what drift.jsonl holds, by step
@@ -160,7 +165,14 @@ class SparcomCallback(TrainerCallback):
         self.previous = snapshot
 
     def _drift(self, step: int, snapshot: Snapshot, previous: Snapshot | None) -> DriftPoint:
-        return drift_point(step, self.base, snapshot, previous, self.epsilons, self.selection_mode)
+        stability = None
+        if previous is None and self.stability_splits and snapshot.per_instruction:
+            # The scale on which drift is read, once: how far the ISN sets move between halves of the probe.
+            by_category = sampling_stability(
+                snapshot, self.epsilons, self.selection_mode, self.stability_splits, self.seed
+            )
+            stability = {e: {c: values[e] for c, values in by_category.items()} for e in self.epsilons}
+        return drift_point(step, self.base, snapshot, previous, self.epsilons, self.selection_mode, stability)
 
     def _log(self, step: int, snapshot: Snapshot) -> None:
         point = self._drift(step, snapshot, self.previous)

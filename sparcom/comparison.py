@@ -14,8 +14,10 @@ import torch
 from sparcom import analysis
 from sparcom.drift import DriftPoint
 from sparcom.metrics import category_block_means
-from sparcom.snapshot import Snapshot, check_comparable
-from sparcom.stats import expected_jaccard
+from sparcom.permutation import diagonal_dominance, token_control
+from sparcom.resampling import paired_bootstrap, sampling_stability
+from sparcom.snapshot import Snapshot, check_comparable, instruction_order
+from sparcom.stats import PhaseTest, expected_jaccard, phase_margin
 
 SIDES = ("base", "tuned")
 
@@ -86,7 +88,8 @@ class TokenControl:
 
 @dataclass(frozen=True)
 class Profile:
-    """ISN count per layer; three-phase when the middle third's mean is below both others."""
+    """ISN count per layer; three-phase when the middle third's mean is below both others (and,
+    with resamples, the 95% interval of that margin lies above 0)."""
 
     counts: list[int]
     three_phase: bool
@@ -188,6 +191,16 @@ def describe(snapshot: Snapshot, label: str) -> Side:
     return Side(label=label, model=str(snapshot.meta.get("model", "")), step=snapshot.meta.get("step"))
 
 
+@dataclass(frozen=True)
+class Statistics:
+    """How the intervals and tests are computed (``None`` in ``compare``: not at all)."""
+
+    resamples: int = 200  # paired bootstrap resamples of each category's instructions
+    permutations: int = 1000  # label permutations of each permutation test
+    splits: int = 20  # random half-splits averaged by the sampling stability
+    seed: int = 0
+
+
 def compare(
     base: Snapshot,
     tuned: Snapshot,
@@ -197,44 +210,76 @@ def compare(
     selection_mode: str,
     overlap_epsilon: float,
     sweep_epsilons: Sequence[float],
+    statistics: Statistics | None = Statistics(),
     token_similarity: torch.Tensor | None = None,
     drift: list[DriftPoint] | None = None,
     run: dict | None = None,
 ) -> Comparison:
-    """Compare two snapshots of the same probe set: every table, matrix and profile of the report.
+    """Compare two snapshots of the same probe set: every table, matrix, profile and test of the report.
 
     ``token_similarity``: ``[N, N]`` Jaccard of the instructions' token sets (base order), for
-    the vocabulary-overlap control; ``drift``: the run's recorded drift, if any.
+    the vocabulary-overlap control; ``drift``: the run's recorded drift, if any. Intervals and
+    tests need per-instruction counts; without them (or with ``statistics=None``) those fields
+    are empty and ``notes`` says why.
     """
     check_comparable(base, tuned)
     categories = list(base.categories)
-    every_epsilon = [*epsilons, *sweep_epsilons, overlap_epsilon]
-    tallies = analysis.category_tallies([base, tuned], every_epsilon, selection_mode)
+    tallies = analysis.category_tallies(
+        [base, tuned], [*epsilons, *sweep_epsilons, overlap_epsilon], selection_mode
+    )
+    every = [*categories, "mean"]
+    notes: dict[str, str] = {}
+    if statistics is not None and not (base.per_instruction and tuned.per_instruction):
+        notes["statistics"] = (
+            "no intervals, stability or tests: they resample instructions, and these snapshots have no "
+            "per-instruction counts (recorded with sparcom.probe.per_instruction=false)"
+        )
+        statistics = None
+    elif statistics is None:
+        notes["statistics"] = (
+            "no intervals, stability or tests: statistics were turned off (stats.enabled=false)"
+        )
+    boot = stability = None
+    if statistics is not None:
+        wanted = list(dict.fromkeys([*epsilons, overlap_epsilon]))
+        boot = paired_bootstrap(base, tuned, wanted, selection_mode, statistics.resamples, statistics.seed)
+        stability = {
+            side: sampling_stability(snapshot, epsilons, selection_mode, statistics.splits, statistics.seed)
+            for side, snapshot in zip(SIDES, (base, tuned), strict=True)
+        }
 
     def chance(epsilon: float, category: str) -> float:
         t, row = tallies[epsilon], categories.index(category)
         return expected_jaccard(t.sizes[0][row], t.sizes[1][row], t.widths)
 
-    isn_jaccard: dict[str, dict[float, Estimate]] = {c: {} for c in [*categories, "mean"]}
+    isn_jaccard: dict[str, dict[float, Estimate]] = {c: {} for c in every}
     for epsilon in epsilons:
-        for category in categories:
-            value = tallies[epsilon].jaccard(category)
-            isn_jaccard[category][epsilon] = Estimate(value, chance=chance(epsilon, category))
-        per_category = [isn_jaccard[c][epsilon] for c in categories]
-        isn_jaccard["mean"][epsilon] = Estimate(
-            _mean([e.value for e in per_category]), chance=_mean([e.chance for e in per_category])
-        )
+        values = {c: tallies[epsilon].jaccard(c) for c in categories}
+        chances = {c: chance(epsilon, c) for c in categories}
+        values["mean"], chances["mean"] = _mean(list(values.values())), _mean(list(chances.values()))
+        for c in every:
+            isn_jaccard[c][epsilon] = Estimate(
+                values[c],
+                ci95=_interval(boot.isn_jaccard[c][epsilon]) if boot else None,
+                chance=chances[c],
+                stability_base=_stability(stability, "base", c, epsilon),
+                stability_tuned=_stability(stability, "tuned", c, epsilon),
+            )
     pearson = analysis.ise_alteration(base, tuned)
-    ise_pearson = (
-        {c: Estimate(v) for c, v in pearson.items()} | {"mean": Estimate(_mean(list(pearson.values())))}
-        if pearson
-        else None
-    )
+    ise_pearson = None
+    if pearson:
+        pearson["mean"] = _mean(list(pearson.values()))
+        ise_pearson = {
+            c: Estimate(v, ci95=_interval(boot.ise_pearson[c]) if boot else None) for c, v in pearson.items()
+        }
     focus = tallies[overlap_epsilon]
-    layer_profile = {
-        side: {c: _profile(focus.layer_profile(c, index)) for c in categories}
-        for index, side in enumerate(SIDES)
-    }
+    layer_profile = {}
+    for index, side in enumerate(SIDES):
+        tests = boot.layer_phases.get(side, {}) if boot else {}
+        layer_profile[side] = {
+            c: _profile(focus.layer_profile(c, index), tests.get(c, {}).get(overlap_epsilon))
+            for c in categories
+        }
     comparison = Comparison(
         categories=categories,
         base=describe(base, labels[0]),
@@ -247,6 +292,7 @@ def compare(
             sweep_epsilons=list(sweep_epsilons),
             instructions=dict(base.meta.get("category_instructions", {})),
             run=run or {},
+            statistics=asdict(statistics) if statistics else None,
         ),
         isn_jaccard=isn_jaccard,
         ise_pearson=ise_pearson,
@@ -259,40 +305,94 @@ def compare(
         general={side: focus.general_count(index) for index, side in enumerate(SIDES)},
         layer_profile=layer_profile,
         drift=drift,
+        notes=notes,
     )
     if base.per_instruction and tuned.per_instruction:
-        matrices = {
-            side: analysis.overlap_matrix(snapshot, overlap_epsilon, selection_mode)
-            for side, snapshot in zip(SIDES, (base, tuned), strict=True)
-        }
-        comparison.overlap = {side: Overlap(m.tolist()) for side, m in matrices.items()}
-        if token_similarity is not None:
-            tokens = category_block_means(token_similarity, base.instruction_categories, categories)
-            comparison.token_overlap = tokens.tolist()
-            comparison.token_control = {
-                side: TokenControl(analysis.matrix_correlation(m, tokens)) for side, m in matrices.items()
-            }
+        _overlap(comparison, base, tuned, overlap_epsilon, selection_mode, statistics, token_similarity)
     else:
         comparison.notes["overlap"] = (
             "no per-instruction counts (recorded with sparcom.probe.per_instruction=false): "
-            "overlap matrices, the token control and every interval and test need them"
+            "overlap matrices and the vocabulary control need them"
         )
     return comparison
 
 
-def _profile(counts: list[int]) -> Profile:
-    early, middle, late = (_mean(part) for part in _thirds(counts))
-    margin = min(early, late) - middle
-    return Profile(counts=counts, three_phase=margin > 0, margin=margin)
+def _overlap(
+    comparison: Comparison,
+    base: Snapshot,
+    tuned: Snapshot,
+    epsilon: float,
+    mode: str,
+    statistics: Statistics | None,
+    token_similarity: torch.Tensor | None,
+) -> None:
+    """Overlap matrices, their uniqueness tests and the vocabulary control, from the ``[N, N]``
+    pairwise similarity of instructions (computed once per side, in base's instruction order)."""
+    categories, labels = comparison.categories, base.instruction_categories
+    order = instruction_order(base, tuned)
+    similarity = {
+        side: analysis.instruction_similarity(s, epsilon, mode)
+        for side, s in zip(SIDES, (base, tuned), strict=True)
+    }
+    if order is not None:
+        similarity["tuned"] = similarity["tuned"][order][:, order]
+    comparison.overlap = {}
+    for side, matrix in similarity.items():
+        blocks = category_block_means(matrix, labels, categories)
+        tests = None
+        if statistics is not None:
+            tests = diagonal_dominance(matrix, labels, categories, statistics.permutations, statistics.seed)
+        comparison.overlap[side] = Overlap(
+            blocks.tolist(),
+            diagonal_dominance=_as_test(tests.overall) if tests else None,
+            per_category={c: _as_test(t) for c, t in tests.per_category.items()} if tests else None,
+        )
+    if token_similarity is None:
+        comparison.notes.setdefault(
+            "token_control", "no tokenizer or records for the instructions' token sets"
+        )
+        return
+    tokens = category_block_means(token_similarity, labels, categories)
+    comparison.token_overlap = tokens.tolist()
+    comparison.token_control = {}
+    for side, matrix in similarity.items():
+        correlation = analysis.matrix_correlation(torch.tensor(comparison.overlap[side].matrix), tokens)
+        control = None
+        if statistics is not None:
+            control = token_control(
+                matrix, token_similarity, labels, statistics.permutations, statistics.seed
+            )
+        comparison.token_control[side] = TokenControl(
+            correlation,
+            category_effect=control.category_effect if control else None,
+            p_value=control.p_value if control else None,
+            verdict=control.verdict if control else None,
+        )
 
 
-def _thirds(values: list) -> list[list]:
-    """Early, middle and late thirds; a remainder goes to the outer thirds (4 layers -> 2/1/1,
-    5 -> 2/1/2), so the middle third is never the largest."""
-    size = len(values)
-    middle = size // 3
-    early = (size - middle + 1) // 2
-    return [values[:early], values[early : early + middle], values[early + middle :]]
+def _interval(estimate) -> tuple[float, float]:
+    return (estimate.ci95.lo, estimate.ci95.hi)
+
+
+def _as_test(test) -> Test:
+    return Test(test.statistic, test.p_value, test.p_holm)
+
+
+def _stability(stability: dict | None, side: str, category: str, epsilon: float) -> float | None:
+    if stability is None:
+        return None
+    by_category = stability[side]
+    if category == "mean":
+        return _mean([by_category[c][epsilon] for c in by_category])
+    return by_category[category][epsilon]
+
+
+def _profile(counts: list[int], test: PhaseTest | None) -> Profile:
+    """A layer profile with its three-phase test (without resamples: the margin alone decides)."""
+    if test is not None:
+        return Profile(counts, test.three_phase, test.margin, (test.ci95.lo, test.ci95.hi))
+    margin = float(phase_margin(torch.tensor([counts]))[0]) if len(counts) >= 3 else float("nan")
+    return Profile(counts, margin > 0, margin)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -54,7 +54,7 @@ class MissingInstructionCounts(SnapshotError):
 @dataclass(frozen=True)
 class PairedBootstrap:
     """Attributes:
-    isn_jaccard: category -> epsilon -> Jaccard of base and tuned ISN sets, with its interval.
+    isn_jaccard: category (and "mean") -> epsilon -> Jaccard of base and tuned ISN sets, with its interval.
     ise_pearson: category -> Pearson of base and tuned expert frequencies ``q`` over all router
         sites, with its interval (empty for dense models).
     layer_phases: "base" | "tuned" -> category -> epsilon -> three-phase test of its layer profile
@@ -362,9 +362,10 @@ def paired_bootstrap(
     result = resample_pass([base, tuned], weights, epsilons, mode, ((0, every), (1, every)), True, names)
     totals = result.sizes.sum(-1)  # [K, C, E, R]
     jaccard = jaccard_from_sizes(result.intersections.sum(-1), totals[0], totals[1])  # [C, E, R]
+    # "mean": the mean over categories of each resample (categories are resampled independently).
+    rows = dict(zip(base.categories, jaccard, strict=True)) | {"mean": jaccard.mean(0)}
     isn_jaccard = {
-        c: {epsilon: estimate(jaccard[i, e]) for e, epsilon in enumerate(epsilons)}
-        for i, c in enumerate(base.categories)
+        c: {epsilon: estimate(row[e]) for e, epsilon in enumerate(epsilons)} for c, row in rows.items()
     }
     ise_pearson = {}
     if result.expert_frequency.shape[-1]:
@@ -372,7 +373,8 @@ def paired_bootstrap(
             result.expert_frequency[0].flatten(0, 1), result.expert_frequency[1].flatten(0, 1)
         )
         pearson = pearson.reshape(len(base.categories), -1)
-        ise_pearson = {c: estimate(pearson[i]) for i, c in enumerate(base.categories)}
+        rows = dict(zip(base.categories, pearson, strict=True)) | {"mean": pearson.mean(0)}
+        ise_pearson = {c: estimate(row) for c, row in rows.items()}
     phases = {}
     if _num_layers(base) >= 3:
         phases = {name: _phase_tests(result, base, k, epsilons) for k, name in enumerate(names)}

@@ -10,7 +10,7 @@ import yaml
 
 from sparcom import report
 from sparcom.analysis import token_similarity
-from sparcom.comparison import compare
+from sparcom.comparison import Statistics, compare
 from sparcom.data import Record
 from sparcom.drift import read_drift
 from sparcom.snapshot import Snapshot, SnapshotError, snapshot_series
@@ -126,10 +126,12 @@ def write_comparison(
     selection_mode: str,
     overlap_epsilon: float,
     sweep_epsilons: list[float],
+    statistics: Statistics | None = None,
     drift=None,
     run_settings: dict | None = None,
 ) -> Path:
-    """Compare two snapshots and write the report folder; returns the report page."""
+    """Compare two snapshots (with intervals and tests unless ``statistics`` is None) and write
+    the report folder; returns the report page."""
     by_id = {r["id"]: r for r in records}
     tokens = None
     if tuned.per_instruction and tokenizer is not None and all(i in by_id for i in base.instruction_ids):
@@ -142,6 +144,7 @@ def write_comparison(
         selection_mode=selection_mode,
         overlap_epsilon=overlap_epsilon,
         sweep_epsilons=sweep_epsilons,
+        statistics=statistics,
         token_similarity=tokens,
         drift=drift,
         run=run_settings,

@@ -69,9 +69,24 @@ def test_run_report_has_the_tables_figures_and_what_was_compared(run):
     widths = torch.tensor([a[site].numel() for site in a])
     assert float(cell["chance"]) == pytest.approx(expected_jaccard(*sizes, widths))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["isn_jaccard"]["math"]["eps=0.5"]["value"] == pytest.approx(jaccard(a, b))
     assert summary["base"]["step"] == 0 and summary["tuned"]["step"] == 6
-    assert -1 <= summary["token_control"]["base"]["correlation"] <= 1
+    # The documented schema: every number with its interval, chance level, stability or p-value.
+    cell = summary["isn_jaccard"]["math"]["eps=0.5"]
+    assert (
+        cell["value"] == pytest.approx(jaccard(a, b)) and cell["ci95"][0] <= cell["value"] <= cell["ci95"][1]
+    )
+    assert 0 < cell["chance"] < 1 and 0 < cell["stability_base"] <= 1 and 0 < cell["stability_tuned"] <= 1
+    assert set(summary["isn_jaccard"]) == {*sparcom.data.CATEGORIES, "mean"}
+    assert set(summary["ise_pearson"]["code"]) == {"value", "ci95"}
+    for side in ("base", "tuned"):
+        overlap = summary["overlap"][side]
+        assert set(overlap["diagonal_dominance"]) == {"statistic", "p_value"}
+        assert (
+            0 < overlap["per_category"]["math"]["p_value"] <= overlap["per_category"]["math"]["p_holm"] <= 1
+        )
+        assert {"category_effect", "p_value", "correlation", "verdict"} <= set(summary["token_control"][side])
+        assert {"three_phase", "margin", "ci95", "counts"} <= set(summary["layer_profile"][side]["math"])
+    assert len(summary["findings"]) >= 5 and summary["settings"]["statistics"]["resamples"] == 200
     page = (out / "report.html").read_text()
     for shown in (
         "run, step 0",
@@ -85,6 +100,24 @@ def test_run_report_has_the_tables_figures_and_what_was_compared(run):
     ):
         assert shown in page, shown
     assert 'href="compare/report.html"' in (run / "analysis" / "index.html").read_text()
+
+
+def test_statistics_fields_are_null_with_the_reason_without_per_instruction_counts(small_records, tmp_path):
+    base_model, tokenizer = load_model("tiny-olmoe")
+    tuned_model, _ = load_model("tiny-olmoe", seed=1)
+    snapshots = [
+        sparcom.record(m, tokenizer, small_records, per_instruction=False, progress=False).save(
+            tmp_path / f"{n}.safetensors"
+        )
+        for n, m in (("a", base_model), ("b", tuned_model))
+    ]
+    [page] = analyzed(f"base={snapshots[0]}", f"tuned={snapshots[1]}", f"out={tmp_path / 'out'}")
+    summary = json.loads((page.parent / "summary.json").read_text())
+    assert summary["isn_jaccard"]["math"]["eps=0.5"]["ci95"] is None
+    assert 0 <= summary["isn_jaccard"]["math"]["eps=0.5"]["chance"] <= 1  # needs category counts only
+    assert summary["overlap"] is None and summary["token_control"] is None
+    assert "per-instruction counts" in summary["notes"]["statistics"]
+    assert "per_instruction=false" in page.read_text()
 
 
 @pytest.mark.slow

@@ -61,7 +61,7 @@ BAD_TRAIN = [
     ("model=nope", r"^model: 'nope' is not a config option; expected one of deepseek-v2-lite, "),
     (
         "trainer=ful",
-        r"^trainer: 'ful' is not a config option \(did you mean full\?\); expected one of full, lora",
+        r"^trainer: 'ful' is not a config option \(did you mean full\?\); expected one of full, isn, lora",
     ),
     (
         "model.name_or_path=tiny-gpt",
@@ -122,7 +122,7 @@ BAD_ANALYZE = [
     ),
     (
         ["mode=ablate", "base=x.safetensors"],
-        r"^base: 'x\.safetensors' is a snapshot, which cannot be ablated; expected a model",
+        r"^base: 'x\.safetensors' is a snapshot, and mode=ablate needs a model; expected a run folder",
     ),
     (
         ["run=/nonexistent"],
@@ -131,7 +131,15 @@ BAD_ANALYZE = [
     (["base=x.safetensors", "tuned=y"], r"^base: 'x\.safetensors' does not exist; expected a snapshot file"),
     (["base=x"], r"^tuned: null; expected"),
     ([], r"^base: null; expected run=<run folder>, or base=<\.\.\.> and tuned=<\.\.\.>"),
-    (["mode=steer", "base=x", "tuned=y"], r"^mode: 'steer' is not available yet; expected compare or ablate"),
+    (
+        ["mode=steer", "base=x.safetensors"],
+        r"^base: 'x\.safetensors' is a snapshot, and mode=steer needs a model",
+    ),
+    (["mode=steer", "base=tiny-llama", "steer.scales=[]"], r"^steer.scales: \[\] is empty; expected factors"),
+    (
+        ["mode=ablate", "base=tiny-llama", "stats.control_draws=1"],
+        r"^stats.control_draws: 1 is too few; expected at least 2",
+    ),
     (["mode=explain", "base=x", "tuned=y"], r"^mode: 'explain' is not available yet"),
     (["mode=summarise"], r"^mode: 'summarise' is unknown; expected one of compare, ablate, steer, explain"),
     (["sparcom.epsilons=[2]", "base=x", "tuned=y"], r"^sparcom\.epsilons\[0\]: 2 is not a valid epsilon"),

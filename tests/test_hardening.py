@@ -83,7 +83,7 @@ BAD_INPUT = [
     (
         "analyze.py",
         ["mode=ablate", "base=x.safetensors"],
-        "base: 'x.safetensors' is a snapshot, which cannot be ablated",
+        "base: 'x.safetensors' is a snapshot, and mode=ablate needs a model",
     ),
     ("analyze.py", ["run=/nonexistent"], "run: '/nonexistent' is not a train.py run folder"),
 ]

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from sparcom.analysis import overlap_matrix
 from sparcom.metrics import (
     general_and_unique,
     jaccard,
     layer_profile,
-    overlap_matrix,
     pairwise_jaccard,
     pearson,
 )

@@ -203,7 +203,7 @@ def test_dense_models_have_no_expert_intervals_and_two_layers_no_phase_tests():
     base, tuned = draw([random_population(rng, CATEGORIES, shapes, kinds, layers)] * 2, 10, rng)
     result = paired_bootstrap(base, tuned, [0.5], resamples=10)
     assert result.ise_pearson == {} and result.layer_phases == {}
-    assert set(result.isn_jaccard) == set(CATEGORIES)
+    assert set(result.isn_jaccard) == {*CATEGORIES, "mean"}
     with pytest.raises(ValueError, match="a three-phase profile needs at least 3 layers, got 2"):
         layer_phase_tests(base, [0.5])
 
