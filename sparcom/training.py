@@ -201,12 +201,26 @@ def load_checkpoint_weights(model, checkpoint: str | Path) -> None:
 
 
 class CheckpointWeights:
-    """Trainer mixin: resuming loads the checkpoint's model weights with ``load_checkpoint_weights``
-    (every key, MoE experts included), where ``Trainer`` would load them with a key-for-key
-    ``load_state_dict(strict=False)``. Adapters (PEFT), DeepSpeed and FSDP checkpoints are
-    read by the Trainer's own code, which loads them whole."""
+    """Trainer mixin: model weights read back from a checkpoint (on resume, and for
+    ``load_best_model_at_end``) are loaded with ``load_checkpoint_weights`` (every key, MoE experts
+    included), where ``Trainer`` would load them with a key-for-key ``load_state_dict(strict=False)``.
+    Adapters (PEFT), DeepSpeed and FSDP checkpoints are left to the Trainer, which reads them whole."""
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = self.model if model is None else model
+        if self._trainer_reads(resume_from_checkpoint, target):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            load_checkpoint_weights(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if self._trainer_reads(best, self.model):
+            super()._load_best_model()
+        else:
+            load_checkpoint_weights(self.model, best)
+
+    def _trainer_reads(self, checkpoint: str, model) -> bool:
         from transformers.trainer_utils import _is_peft_model
         from transformers.utils import (
             SAFE_WEIGHTS_INDEX_NAME,
@@ -215,18 +229,13 @@ class CheckpointWeights:
             WEIGHTS_NAME,
         )
 
-        target = self.model if model is None else model
-        folder = Path(resume_from_checkpoint)
         weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
-        if (
+        return (
             self.is_deepspeed_enabled
             or self.is_fsdp_enabled
-            or _is_peft_model(target)
-            or not any((folder / name).is_file() for name in weights)
-        ):
-            super()._load_from_checkpoint(resume_from_checkpoint, model)
-            return
-        load_checkpoint_weights(target, folder)
+            or _is_peft_model(model)
+            or not any((Path(checkpoint) / name).is_file() for name in weights)
+        )
 
 
 @functools.cache

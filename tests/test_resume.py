@@ -50,13 +50,17 @@ class WeightsAtResume(TrainerCallback):
         self.state = {k: v.detach().clone() for k, v in weights.items()}
 
 
-def sft(model, tokenizer, output_dir: Path, max_steps: int, callbacks=(), peft_config=None) -> SFTTrainer:
+def sft(
+    model, tokenizer, output_dir: Path, max_steps: int, callbacks=(), peft_config=None, **settings
+) -> SFTTrainer:
+    """The trainer train.py builds, on six records; ``settings``: SFTConfig fields to change."""
+    settings = {"save_steps": 2, "learning_rate": 1e-2, **settings}
+    eval_dataset = settings.pop("eval_dataset", None)
     args = SFTConfig(
+        **settings,
         output_dir=str(output_dir),
         max_steps=max_steps,
-        save_steps=2,
         per_device_train_batch_size=2,
-        learning_rate=1e-2,
         gradient_checkpointing=False,
         report_to=[],
         use_cpu=True,
@@ -70,6 +74,7 @@ def sft(model, tokenizer, output_dir: Path, max_steps: int, callbacks=(), peft_c
         model=model,
         args=args,
         train_dataset=sft_dataset(per_category(1), tokenizer, 64),
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=list(callbacks),
@@ -124,6 +129,31 @@ def test_training_resumes_from_every_weight_of_the_checkpoint(tmp_path, preset, 
     assert seen.state is not None and seen.state.keys() == saved.keys()
     for key, value in saved.items():
         assert torch.equal(seen.state[key], value), key
+
+
+@pytest.mark.slow
+def test_the_best_model_loaded_at_the_end_is_the_best_checkpoint_whole(tmp_path):
+    model, tokenizer, _ = fresh("tiny-qwen2-moe", "full")
+    trainer = sft(
+        model,
+        tokenizer,
+        tmp_path,
+        4,
+        learning_rate=5e-2,  # large enough that the eval loss is not lowest at the last step
+        save_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        load_best_model_at_end=True,
+        eval_dataset=sft_dataset(per_category(1)[:2], tokenizer, 64),
+    )
+    trainer.train()
+    best = Path(trainer.state.best_model_checkpoint)
+    assert best.name != "checkpoint-4"  # the last step's weights would not pass for the best's
+    saved = load_model(str(best))[0].state_dict()
+    weights = model.state_dict()
+    assert weights.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(weights[key], value), key
 
 
 @pytest.mark.slow
