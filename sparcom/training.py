@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 from sparcom.data import CATEGORIES, Record
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from sparcom.config import TrainConfig
 
 
@@ -165,7 +167,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
-def load_checkpoint_weights(model, checkpoint: str | Path) -> None:
+def load_checkpoint_weights(model: nn.Module, checkpoint: str | Path) -> None:
     """Copy the weights of ``checkpoint`` (a folder written by ``save_pretrained``) into ``model`` in
     place, read as ``from_pretrained`` reads them, and refuse a checkpoint whose weights do not fit.
 
@@ -175,7 +177,8 @@ def load_checkpoint_weights(model, checkpoint: str | Path) -> None:
     Trainer's resume) skips them and leaves the experts and, for Mixtral, the routers as they were.
     The copy goes through ``model.load_state_dict``, strictly, so ISN-only models (whose load hooks
     split each weight into frozen base and trainable entries) load too; tensors keep their identity,
-    so an optimizer built on them stays valid."""
+    so an optimizer built on them stays valid. Host memory: one copy of the weights, as the
+    Trainer's own load takes."""
     import torch
 
     from sparcom.sites import unwrap
@@ -240,8 +243,8 @@ class CheckpointWeights:
 
 @functools.cache
 def resumable(trainer_class: type) -> type:
-    """``trainer_class`` (a transformers ``Trainer``, e.g. TRL's ``SFTTrainer``) with the
-    ``CheckpointWeights`` resume: ``resumable(SFTTrainer)(model=..., args=...)``."""
+    """``trainer_class`` (a transformers ``Trainer``, e.g. TRL's ``SFTTrainer``) reading checkpoints
+    back with ``CheckpointWeights``: ``resumable(SFTTrainer)(model=..., args=...)``."""
     return type(trainer_class.__name__, (CheckpointWeights, trainer_class), {})
 
 
