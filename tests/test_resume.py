@@ -51,11 +51,17 @@ class WeightsAtResume(TrainerCallback):
 
 
 def sft(
-    model, tokenizer, output_dir: Path, max_steps: int, callbacks=(), peft_config=None, **settings
+    model,
+    tokenizer,
+    output_dir: Path,
+    max_steps: int,
+    callbacks=(),
+    peft_config=None,
+    eval_dataset=None,
+    **settings,
 ) -> SFTTrainer:
     """The trainer train.py builds, on six records; ``settings``: SFTConfig fields to change."""
     settings = {"save_steps": 2, "learning_rate": 1e-2, **settings}
-    eval_dataset = settings.pop("eval_dataset", None)
     args = SFTConfig(
         **settings,
         output_dir=str(output_dir),
