@@ -26,6 +26,7 @@ from sparcom.training import (
     latest_checkpoint,
     log_settings,
     probe_set,
+    resumable,
     sft_dataset,
     start_wandb,
 )
@@ -82,7 +83,8 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", **vars(cfg.trainer.peft))
     sparcom = cfg.sparcom
-    trainer = SFTTrainer(
+    # resumable: resuming loads every weight of the checkpoint, MoE experts included
+    trainer = resumable(SFTTrainer)(
         model=model,
         args=args,
         train_dataset=sft_dataset(records, tokenizer, cfg.data.max_length),

@@ -1,9 +1,11 @@
 """The pieces train.py wires together: SFT data in the shared conversation format, the probe set,
-the W&B run and the run folder. Plain functions (no Hydra), and torch-free to import."""
+the W&B run, the run folder and resuming from its checkpoints. Plain functions (no Hydra), and
+torch-free to import."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -16,6 +18,8 @@ from typing import TYPE_CHECKING
 from sparcom.data import CATEGORIES, Record
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from sparcom.config import TrainConfig
 
 
@@ -163,6 +167,87 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
+def load_checkpoint_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """Copy the weights of ``checkpoint`` (a folder written by ``save_pretrained``) into ``model`` in
+    place, read as ``from_pretrained`` reads them, and refuse a checkpoint whose weights do not fit.
+
+    transformers 5 saves fused MoE experts (``experts.gate_up_proj``, ``[E, 2 * d_expert, d]``) in
+    the per-expert layout of the original checkpoints (``experts.{e}.gate_proj.weight``, ...), and only
+    ``from_pretrained`` converts them back; a plain ``load_state_dict(..., strict=False)`` (the
+    Trainer's resume) skips them and leaves the experts and, for Mixtral, the routers as they were.
+    The copy goes through ``model.load_state_dict``, strictly, so ISN-only models (whose load hooks
+    split each weight into frozen base and trainable entries) load too; tensors keep their identity,
+    so an optimizer built on them stays valid. Host memory: one copy of the weights, as the
+    Trainer's own load takes."""
+    import torch
+
+    from sparcom.sites import unwrap
+
+    hf_model = unwrap(model)
+    try:
+        loaded, info = type(hf_model).from_pretrained(str(checkpoint), dtype="auto", output_loading_info=True)
+        # from_pretrained initialises what a checkpoint lacks at random: a lack is a misfit too
+        misfit = "; ".join(
+            f"{kind}: {_some(sorted(map(str, found)))}" for kind, found in info.items() if found
+        )
+        if not misfit:
+            hf_model.load_state_dict(loaded.state_dict(), strict=True)
+            return
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:  # a failed conversion; keys or shapes that differ, one per line
+        lines = [line.strip() for line in str(err).splitlines()]
+        misfit = _some([line for line in lines if line and not line.startswith("Error(s) in loading")], "; ")
+    raise ValueError(
+        f"checkpoint {str(checkpoint)!r} does not fit the {type(hf_model).__name__} being trained: {misfit}"
+    )
+
+
+class CheckpointWeights:
+    """Trainer mixin: model weights read back from a checkpoint (on resume, and for
+    ``load_best_model_at_end``) are loaded with ``load_checkpoint_weights`` (every key, MoE experts
+    included), where ``Trainer`` would load them with a key-for-key ``load_state_dict(strict=False)``.
+    Adapters (PEFT), DeepSpeed and FSDP checkpoints are left to the Trainer, which reads them whole."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = self.model if model is None else model
+        if self._trainer_reads(resume_from_checkpoint, target):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            load_checkpoint_weights(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if self._trainer_reads(best, self.model):
+            super()._load_best_model()
+        else:
+            load_checkpoint_weights(self.model, best)
+
+    def _trainer_reads(self, checkpoint: str, model) -> bool:
+        from transformers.trainer_utils import _is_peft_model
+        from transformers.utils import (
+            SAFE_WEIGHTS_INDEX_NAME,
+            SAFE_WEIGHTS_NAME,
+            WEIGHTS_INDEX_NAME,
+            WEIGHTS_NAME,
+        )
+
+        weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+        return (
+            self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+            or _is_peft_model(model)
+            or not any((Path(checkpoint) / name).is_file() for name in weights)
+        )
+
+
+@functools.cache
+def resumable(trainer_class: type) -> type:
+    """``trainer_class`` (a transformers ``Trainer``, e.g. TRL's ``SFTTrainer``) reading checkpoints
+    back with ``CheckpointWeights``: ``resumable(SFTTrainer)(model=..., args=...)``."""
+    return type(trainer_class.__name__, (CheckpointWeights, trainer_class), {})
+
+
 def finish_wandb() -> None:
     """Close this process's W&B run, if any; a failure to close is a warning, never an error."""
     try:
@@ -173,6 +258,12 @@ def finish_wandb() -> None:
         wandb.teardown()  # forget settings read from the environment: the next job sets its own
     except Exception as err:  # noqa: BLE001 - logging must never fail a finished run
         warnings.warn(f"W&B: could not finish the run ({err})", stacklevel=2)
+
+
+def _some(items: list[str], separator: str = ", ", shown: int = 3) -> str:
+    """The first ``shown`` items and how many more: a long list still fits an error's one line."""
+    more = f"{separator}... ({len(items) - shown} more)" if len(items) > shown else ""
+    return separator.join(items[:shown]) + more
 
 
 def _wandb_reachable() -> bool:
