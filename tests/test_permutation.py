@@ -20,15 +20,6 @@ DATASETS = 200
 MOST_REJECTIONS = 19
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are tiny: a second thread only adds wake-ups (tens of ms on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_rejection_bound_is_what_the_comment_says():
     assert binom.sf(MOST_REJECTIONS, DATASETS, 0.05) < 0.003
     assert binom.cdf(MOST_REJECTIONS, DATASETS, 0.20) < 5e-5

@@ -23,15 +23,6 @@ from train import train
 from conftest import per_category
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train faster on one thread than on two that wait for each other on a busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class WeightsAtResume(TrainerCallback):
     """Keeps a copy of the model's state dict (adapters only, for PEFT) as training resumes."""
 

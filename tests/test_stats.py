@@ -30,15 +30,6 @@ MODES = ["threshold", "percentile_layer", "percentile_global"]
 CATEGORIES = ["code", "math"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tensors here are tiny: a second thread only adds wake-ups (tens of ms on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def pair():
     """A tiny-qwen2-moe-shaped base and tuned snapshot: tuned frequencies are base ones moved a little."""
