@@ -166,7 +166,8 @@ class SparcomCallback(TrainerCallback):
 
     def _drift(self, step: int, snapshot: Snapshot, previous: Snapshot | None) -> DriftPoint:
         stability = None
-        if previous is None and self.stability_splits and snapshot.per_instruction:
+        halves = min(snapshot.meta.get("category_instructions", {}).values(), default=0) >= 2
+        if previous is None and self.stability_splits and snapshot.per_instruction and halves:
             # The scale on which drift is read, once: how far the ISN sets move between halves of the probe.
             by_category = sampling_stability(
                 snapshot, self.epsilons, self.selection_mode, self.stability_splits, self.seed

@@ -243,10 +243,15 @@ def compare(
     if statistics is not None:
         wanted = list(dict.fromkeys([*epsilons, overlap_epsilon]))
         boot = paired_bootstrap(base, tuned, wanted, selection_mode, statistics.resamples, statistics.seed)
-        stability = {
-            side: sampling_stability(snapshot, epsilons, selection_mode, statistics.splits, statistics.seed)
-            for side, snapshot in zip(SIDES, (base, tuned), strict=True)
-        }
+        if min(base.meta.get("category_instructions", {}).values(), default=0) >= 2:
+            stability = {
+                side: sampling_stability(
+                    snapshot, epsilons, selection_mode, statistics.splits, statistics.seed
+                )
+                for side, snapshot in zip(SIDES, (base, tuned), strict=True)
+            }
+        else:
+            notes["stability"] = "no split-half stability: a category has fewer than 2 instructions"
 
     def chance(epsilon: float, category: str) -> float:
         t, row = tallies[epsilon], categories.index(category)
