@@ -16,7 +16,13 @@ import torch
 
 from sparcom.conversation import encode
 from sparcom.data import Record
-from sparcom.metrics import category_block_means, pairwise_jaccard, pearson
+from sparcom.metrics import (
+    category_block_means,
+    jaccard_from_counts,
+    pairwise_jaccard,
+    pearson,
+    shared_counts,
+)
 from sparcom.select import NEURON_KINDS, GlobalTopFraction, expert_frequency, select_rows
 from sparcom.snapshot import Snapshot
 
@@ -191,20 +197,19 @@ def ise_alteration(base: Snapshot, tuned: Snapshot) -> dict[str, float]:
 def instruction_similarity(snapshot: Snapshot, epsilon: float, mode: str = "threshold") -> torch.Tensor:
     """``[N, N]`` float64 Jaccard of every pair of instructions' ISN sets (1.0 where both are empty).
 
-    Intersections are float32 matrix products of 0/1 columns, exact below 2**24 per chunk, taken
-    over at most ``CHUNK_COLUMNS`` columns of one site at a time.
+    Intersections are products of 0/1 matrices, over at most ``CHUNK_COLUMNS`` columns of one
+    site at a time; columns chosen by no instruction are skipped.
     """
     count = len(snapshot.instruction_ids)
     intersections = torch.zeros(count, count, dtype=torch.float64)
     sizes = torch.zeros(count, dtype=torch.float64)
     for _, (chosen,) in site_sets([(snapshot, "instruction")], epsilon, mode):
         flat = chosen.reshape(count, -1)
+        flat = flat[:, flat.any(0)]  # a column no instruction chose adds nothing to any pair
         for start in range(0, flat.shape[1], CHUNK_COLUMNS):
-            block = flat[:, start : start + CHUNK_COLUMNS].float()
-            intersections += (block @ block.T).double()
+            intersections += shared_counts(flat[:, start : start + CHUNK_COLUMNS])
         sizes += flat.sum(1, dtype=torch.float64)
-    union = sizes[:, None] + sizes[None, :] - intersections
-    return torch.where(union > 0, intersections / union.clamp(min=1), torch.ones_like(intersections))
+    return jaccard_from_counts(intersections, sizes)
 
 
 def overlap_matrix(snapshot: Snapshot, epsilon: float, mode: str = "threshold") -> torch.Tensor:
