@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_isn_training import random_mask
 from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -21,6 +20,7 @@ from sparcom.training import load_checkpoint_weights, resumable, sft_dataset
 from train import train
 
 from conftest import per_category
+from test_isn_training import random_mask
 
 
 class WeightsAtResume(TrainerCallback):

@@ -11,7 +11,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from synthetic import Population, draw, moe_sites, random_population
 
 from sparcom.analysis import ise_alteration, isn_alteration
 from sparcom.metrics import jaccard
@@ -25,6 +24,8 @@ from sparcom.resampling import (
 from sparcom.select import GlobalTopFraction, instruction_isn, isn, top_fraction_rows
 from sparcom.snapshot import Snapshot, SnapshotError
 from sparcom.stats import expected_jaccard, layer_thirds, phase_margin
+
+from synthetic import Population, draw, moe_sites, random_population
 
 MODES = ["threshold", "percentile_layer", "percentile_global"]
 CATEGORIES = ["code", "math"]

@@ -203,6 +203,7 @@ def test_lora_run_records_the_adapted_model(tmp_path):
 @pytest.mark.slow
 def test_isn_only_run_trains_the_base_models_isns_and_nothing_else(tmp_path):
     from safetensors.torch import load_file
+
     from test_isn_training import assert_only_isns_moved, entries_of
 
     run_dir = train(compose("train", [*SMOKE, "trainer=isn", "trainer.isn.epsilon=0.7"]), tmp_path / "run")

@@ -23,12 +23,12 @@ import torch
 from scipy.stats import norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from synthetic import Population, draw  # noqa: E402 (path set above)
-
 from sparcom.metrics import jaccard  # noqa: E402
 from sparcom.resampling import paired_bootstrap, resample_pass  # noqa: E402
 from sparcom.select import isn  # noqa: E402
 from sparcom.stats import jaccard_from_sizes  # noqa: E402
+
+from synthetic import Population, draw  # noqa: E402 (path set above)
 
 SITES = 4
 # name: (mode, epsilon, per_category, neurons, spread, shift, beta a, beta b)
