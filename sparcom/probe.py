@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from sparcom import __version__
 from sparcom.conversation import TOKEN_SCOPES, Encoded, encode
 from sparcom.data import CATEGORIES, Record
+from sparcom.host_rows import HostRows, count_dtype
 from sparcom.recorder import Recorder, inference_mode
 from sparcom.sites import unwrap
 from sparcom.snapshot import Snapshot
@@ -74,28 +75,46 @@ def record(
         encode(r, tokenizer, max_length).needed_for(token_scope)
         for r in tqdm(records, desc="tokenize", disable=not progress or rank)
     ]
+    tokens = torch.tensor([int(e.scope_mask(token_scope).sum()) for e in encoded], dtype=torch.int64)
     category_of = torch.tensor([categories.index(r["category"]) for r in records])
-    group_of = torch.arange(len(records)) if per_instruction else category_of
+    category_tokens = _sum_rows(tokens, category_of, len(categories))
     batches = length_bucketed([len(e.input_ids) for e in encoded], batch_size)
-    mine = batches[rank::world]
-    # ZeRO-3 makes every forward collective: all ranks run ceil(n / world) batches, empty ones included.
-    mine += [[]] * (math.ceil(len(batches) / world) - len(mine))
+    starts = [0]  # where each batch's rows begin in recording order (batch after batch)
+    for batch in batches:
+        starts.append(starts[-1] + len(batch))
 
     hf_model = unwrap(model)
+    recorder = Recorder(hf_model, len(categories), count_dtype(int(category_tokens.max()), torch.int32))
+    sites = {site.name: site for site, _ in recorder.sites}
+    host = None
+    if per_instruction:
+        pin = any(p.device.type == "cuda" for p in hf_model.parameters())
+        shapes = {name: site.shape for name, site in sites.items()}
+        host = HostRows(shapes, len(records), count_dtype(int(tokens.max())), batch_size, pin)
+    device = _input_device(hf_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    recorder = Recorder(hf_model, num_groups=len(records) if per_instruction else len(categories))
+    # ZeRO-3 makes every forward collective: all ranks run ceil(n / world) batches, empty ones included.
+    rounds = math.ceil(len(batches) / world)
     try:
         with inference_mode(model), recorder:
-            for batch in tqdm(
-                mine, desc=f"record ({token_scope})", unit="batch", disable=not progress or rank
+            for index in tqdm(
+                range(rank, rounds * world, world),
+                desc=f"record ({token_scope})",
+                unit="batch",
+                disable=not progress or rank,
             ):
-                input_ids, attention, scope = pad_batch([encoded[i] for i in batch], token_scope, pad_id)
-                recorder.set_batch(scope, group_of[batch] if batch else torch.zeros(1, dtype=torch.long))
+                rows = batches[index] if index < len(batches) else []
+                input_ids, attention, scope = pad_batch([encoded[i] for i in rows], token_scope, pad_id)
+                recorder.set_batch(scope, category_of[rows] if rows else torch.zeros(1, dtype=torch.long))
                 model(
-                    input_ids=input_ids.to(recorder.device, non_blocking=True),
-                    attention_mask=attention.to(recorder.device, non_blocking=True),
+                    input_ids=input_ids.to(device, non_blocking=True),
+                    attention_mask=attention.to(device, non_blocking=True),
                     use_cache=False,
+                    logits_to_keep=1,  # counts need no logits: skip the vocabulary projection
                 )
+                counts = recorder.finish_batch()
+                if host is not None:
+                    host.push(counts, starts[min(index, len(batches))], len(rows))
     except Exception as err:
         if world == 1:
             raise
@@ -104,11 +123,15 @@ def record(
         raise RuntimeError(
             f"sparcom probe failed on rank {rank} of {world}: {type(err).__name__}: {err}"
         ) from err
-    counts = recorder.counts
+
+    totals = {
+        name: recorder.totals.get(name, torch.zeros((len(categories), *site.shape), dtype=torch.int32))
+        for name, site in sites.items()
+    }
     checksums = recorder.checksums
     if world > 1:
-        for tensor in [*counts.values(), *checksums.values()]:
-            torch.distributed.all_reduce(tensor)
+        for tensor in [*totals.values(), *checksums.values()]:
+            _all_reduce(tensor)
     for site, checksum in checksums.items():
         if not torch.isfinite(checksum):
             warnings.warn(
@@ -116,25 +139,24 @@ def record(
                 "check the model's weights and dtype",
                 stacklevel=2,
             )
-
-    tokens = torch.tensor([int(e.scope_mask(token_scope).sum()) for e in encoded], dtype=torch.int64)
-    counts = {site: c.to("cpu", torch.int64) for site, c in counts.items()}
-    per_category = (
-        {site: _sum_rows(c, category_of, len(categories)) for site, c in counts.items()}
-        if per_instruction
-        else counts
-    )
-    sites = {site.name: site for site, _ in recorder.sites}
+    instruction_counts = None
+    if host is not None:
+        rows = host.wait()
+        if world > 1:
+            _share_rows(rows, batches, starts)
+        position = torch.empty(len(records), dtype=torch.long)  # each instruction's recording position
+        position[[i for batch in batches for i in batch]] = torch.arange(len(records))
+        instruction_counts = {site: rows.pop(site).index_select(0, position) for site in list(rows)}
     return Snapshot(
         categories=categories,
-        category_tokens=_sum_rows(tokens, category_of, len(categories)),
-        category_counts=per_category,
+        category_tokens=category_tokens,
+        category_counts={site: counts.to("cpu", torch.int64) for site, counts in totals.items()},
         site_kinds={name: site.kind for name, site in sites.items()},
         site_layers={name: site.layer for name, site in sites.items()},
         instruction_ids=[r["id"] for r in records] if per_instruction else [],
         instruction_categories=[r["category"] for r in records] if per_instruction else [],
         instruction_tokens=tokens if per_instruction else None,
-        instruction_counts=counts if per_instruction else None,
+        instruction_counts=instruction_counts,
         meta={
             "model": getattr(hf_model, "name_or_path", "") or getattr(hf_model.config, "name_or_path", ""),
             "model_type": hf_model.config.model_type,
@@ -145,6 +167,41 @@ def record(
             "sparcom_version": __version__,
         },
     )
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the embedding's device (an offloaded embedding is on "meta"; accelerate's
+    hooks then move the inputs themselves)."""
+    weight = model.get_input_embeddings().weight
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+
+def _collective_device() -> torch.device:
+    """Where tensors must be for a collective of the default process group."""
+    backend = str(torch.distributed.get_backend())
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+
+def _all_reduce(tensor: torch.Tensor) -> None:
+    staged = tensor.to(_collective_device())
+    torch.distributed.all_reduce(staged)
+    if staged is not tensor:
+        tensor.copy_(staged)
+
+
+def _share_rows(rows: dict[str, torch.Tensor], batches: list[list[int]], starts: list[int]) -> None:
+    """Give every rank every instruction's rows: the rank that ran a batch broadcasts its rows, one
+    batch of one site at a time, so no more than that passes through the device at once. Rows are
+    sent as bytes, since collectives do not all take narrow integers."""
+    world = torch.distributed.get_world_size()
+    device = _collective_device()
+    for values in rows.values():
+        for index, batch in enumerate(batches):
+            chunk = values[starts[index] : starts[index] + len(batch)].view(torch.uint8)
+            staged = chunk.to(device)
+            torch.distributed.broadcast(staged, src=index % world)
+            if staged is not chunk:
+                chunk.copy_(staged)
 
 
 def pad_batch(

@@ -1,16 +1,19 @@
 """The one place that touches hooks: streaming firing counts while the model runs forward.
 
-Counts accumulate on the model's device into ``[G, *site_shape]`` int32 tensors, one row per
-group (an instruction, or a category when per-instruction statistics are off). Per batch, the
-hooks see the FFN inputs of ``B`` padded rows of length ``L`` and add, for every row, how many of
-its counted tokens fired each neuron. Nothing per-token outlives the batch, and the loop has no
-host synchronisation (no ``.item()``/``.cpu()``), so accelerator work stays asynchronous.
+Per batch of ``B`` padded rows of length ``L`` (one row per instruction), each site's hook turns its
+FFN inputs into ``[B, *site_shape]`` counts of how many of the row's counted tokens fired each neuron
+(or selected each expert), on the device where that site runs. ``finish_batch`` adds them into the
+category totals ``[C, *site_shape]`` on the same device and hands the rows to the caller, which moves
+them to host memory (``sparcom.host_rows``). Device memory for counts is therefore one batch's rows
+plus the category totals, whatever the number of instructions; the loop makes no host
+synchronisation (no ``.item()``/``.cpu()``), so accelerator work stays asynchronous.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,115 +21,163 @@ from torch import nn
 from sparcom.sites import Site, find_sites, gate_weight
 
 
-class Recorder:
-    """Hooks that count, for each site, how often each neuron (or expert) fires per group.
+@dataclass
+class _Batch:
+    """One batch's bookkeeping on one device."""
 
-    Use as a context manager: hooks are attached on entry and always removed on exit.
-    Before each forward call ``set_batch(mask, groups)``.
+    mask: torch.Tensor  # [B, 1, L] float32: 1 for counted tokens
+    token_row: torch.Tensor  # [B*L] long: each token's row, or B (a discard row) for tokens not counted
+    categories: torch.Tensor  # [B] long: each row's category
+
+
+class Recorder:
+    """Hooks that count, per batch row, how often each neuron (or expert) of every site fires.
+
+    Use as a context manager (hooks are attached on entry and always removed on exit); per batch:
+    ``set_batch(mask, categories)``, the model's forward, then ``finish_batch()``.
     """
 
-    def __init__(self, model: nn.Module, num_groups: int):
+    def __init__(self, model: nn.Module, num_categories: int, total_dtype: torch.dtype = torch.int32):
         self.sites = find_sites(model)
-        device = next(model.parameters()).device
-        self.device = device
-        self.num_groups = num_groups
-        self.counts: dict[str, torch.Tensor] = {
-            site.name: torch.zeros((num_groups, *site.shape), dtype=torch.int32, device=device)
-            for site, _ in self.sites
-        }
+        self.num_categories = num_categories
+        self.total_dtype = total_dtype
+        # Per site, on the site's device: [C, *shape] category totals, allocated at the site's first call.
+        self.totals: dict[str, torch.Tensor] = {}
         # A running sum of every gate value: NaN or inf anywhere makes it non-finite. One cheap
         # reduction per call, checked once after the loop, instead of an isfinite pass per batch.
-        self.checksums: dict[str, torch.Tensor] = {
-            site.name: torch.zeros((), dtype=torch.float64, device=device)
-            for site, _ in self.sites
-            if site.kind != "router"
-        }
-        self._handles: list = []
-        self._mask: torch.Tensor | None = None
-        self._groups: torch.Tensor | None = None
+        self.checksums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, torch.Tensor] = {}  # this batch's [B, *shape] counts per site
+        self._detach: list[Callable[[], None]] = []
+        self._mask = self._categories = None
+        self._on_device: dict[torch.device, _Batch] = {}
 
-    def set_batch(self, mask: torch.Tensor, groups: torch.Tensor) -> None:
-        """``mask``: ``[B, L]`` bool, the tokens to count; ``groups``: ``[B]`` long, each row's group."""
-        self._mask = mask.to(self.device, non_blocking=True)
-        self._groups = groups.to(self.device, non_blocking=True)
-        # MoE blocks see tokens flattened to [B*L]: the same mask and groups, one entry per token.
-        self._mask_flat = self._mask.reshape(-1)
-        self._mask_float = self._mask.to(torch.float32)[:, None, :]  # [B, 1, L]
-        self._groups_flat = self._groups.repeat_interleave(mask.shape[1])
+    def set_batch(self, mask: torch.Tensor, categories: torch.Tensor) -> None:
+        """``mask``: ``[B, L]`` bool, the tokens to count; ``categories``: ``[B]`` long, each row's category."""
+        self._mask, self._categories = mask, categories
+        self._on_device = {}
+        self.rows = {}
+
+    def finish_batch(self) -> dict[str, torch.Tensor]:
+        """Add this batch's rows into the category totals; returns them (``[B, *shape]`` per site,
+        on the site's device, valid until the next ``set_batch``)."""
+        for name, rows in self.rows.items():
+            totals = self.totals.get(name)
+            if totals is None:
+                shape = (self.num_categories, *rows.shape[1:])
+                totals = self.totals[name] = torch.zeros(shape, dtype=self.total_dtype, device=rows.device)
+            totals.index_add_(0, self._batch(rows.device).categories, rows.to(totals.dtype))
+        return self.rows
 
     def __enter__(self) -> Recorder:
-        by_module: dict[int, list[Site]] = {}
+        experts_sites: dict[int, dict[str, str]] = {}
         for site, module in self.sites:
-            by_module.setdefault(id(module), []).append(site)
-        seen: set[int] = set()
-        for site, module in self.sites:
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
             if site.kind == "ffn":
-                self._handles.append(module.register_forward_pre_hook(self._ffn_hook(site)))
+                handle = module.register_forward_pre_hook(self._ffn_hook(site.name))
+                self._detach.append(handle.remove)
             else:
-                names = {s.kind: s.name for s in by_module[id(module)]}
-                self._handles.append(
-                    module.register_forward_pre_hook(self._experts_hook(names), with_kwargs=True)
-                )
+                experts_sites.setdefault(id(module), {})[site.kind] = site.name
+        for module in {id(m): m for s, m in self.sites if s.kind != "ffn"}.values():
+            self._detach.append(_before_forward(module, self._experts_hook(experts_sites[id(module)])))
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for detach in self._detach:
+            detach()
+        self._detach.clear()
 
     # ------------------------------------------------------------------------------- hooks
 
-    def _row_sums(self, fired: torch.Tensor) -> torch.Tensor:
-        """``fired``: ``[B*L, X]`` or ``[B, L, X]`` bool -> ``[B, X]`` int32 counts over counted tokens.
+    def _batch(self, device: torch.device) -> _Batch:
+        """The batch's mask and rows on ``device``, moved there once per batch (sites of a model
+        dispatched over several devices each read their own copy)."""
+        batch = self._on_device.get(device)
+        if batch is None:
+            rows, length = self._mask.shape
+            token_row = torch.where(self._mask, torch.arange(rows)[:, None], rows).reshape(-1)
+            batch = self._on_device[device] = _Batch(
+                mask=self._mask.to(device, torch.float32, non_blocking=True)[:, None, :],
+                token_row=token_row.to(device, non_blocking=True),
+                categories=self._categories.to(device, non_blocking=True),
+            )
+        return batch
 
-        One batched matmul ``[B, 1, L] @ [B, L, X]`` (faster than mask-and-sum); float32 sums of
-        0/1 are exact for any L below 2**24."""
-        batch, length = self._mask.shape
-        fired = fired.reshape(batch, length, -1).to(torch.float32)
-        return torch.bmm(self._mask_float, fired).squeeze(1).to(torch.int32)
+    def _checksum(self, name: str, gate: torch.Tensor) -> None:
+        checksum = self.checksums.get(name)
+        if checksum is None:
+            checksum = self.checksums[name] = torch.zeros((), dtype=torch.float64, device=gate.device)
+        checksum.add_(gate.sum(dtype=torch.float32))
 
-    def _ffn_hook(self, site: Site):
-        counts = self.counts[site.name]
-        checksum = self.checksums[site.name]
-
+    def _ffn_hook(self, name: str):
         def hook(module, args):
-            gate = args[0]
-            checksum.add_(gate.sum(dtype=torch.float32))
-            counts.index_add_(0, self._groups, self._row_sums(gate > 0))
+            gate = args[0]  # [B, L, d_ff] or [B*L, d_ff]
+            batch = self._batch(gate.device)
+            self._checksum(name, gate)
+            # 0/1 as float32, then one batched matmul [B, 1, L] @ [B, L, d_ff] sums each row's counted
+            # tokens (faster than mask-and-sum; exact for any L below 2**24).
+            fired = torch.gt(gate, 0, out=torch.empty(gate.shape, dtype=torch.float32, device=gate.device))
+            fired = fired.view(batch.mask.shape[0], batch.mask.shape[2], -1)
+            self.rows[name] = torch.bmm(batch.mask, fired).squeeze(1).to(torch.int32)
 
         return hook
 
     def _experts_hook(self, names: dict[str, str]):
-        neuron_counts = self.counts[names["experts"]]
-        router_counts = self.counts[names["router"]]
-        checksum = self.checksums[names["experts"]]
-        num_experts = router_counts.shape[1]
-        # One row per (group, expert): a pair's counts land at group * E + expert.
-        neuron_rows = neuron_counts.view(self.num_groups * num_experts, -1)
-        router_rows = router_counts.view(self.num_groups * num_experts)
-
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]  # [B*L, H]
-            top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]  # [B*L, k]
-            # Token-expert pairs sorted by expert (indices >= E are expert-parallel sentinels).
-            expert_ids, order = torch.sort(top_k_index.reshape(-1))
-            token_of_pair = order // top_k_index.shape[-1]  # [S]
-            counted = self._mask_flat[token_of_pair] & (expert_ids < num_experts)  # [S]
-            rows = self._groups_flat[token_of_pair] * num_experts + expert_ids.clamp(max=num_experts - 1)
-            router_rows.index_add_(0, rows, counted.to(torch.int32))
-            gate = expert_gate(hidden[token_of_pair], gate_weight(module), expert_ids, num_experts)  # [S, d]
-            checksum.add_(gate.sum(dtype=torch.float32))
-            neuron_rows.index_add_(0, rows, ((gate > 0) & counted[:, None]).to(torch.int32))
+        def hook(module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
+            # hidden: [B*L, H]; top_k_index: [B*L, k], the router's actual choice (values >= E, if
+            # any, are expert-parallel sentinels: they sort last and are never counted).
+            batch = self._batch(hidden.device)
+            weight = gate_weight(module)  # [E, d, H]
+            num_experts, width = weight.shape[0], weight.shape[1]
+            rows = batch.mask.shape[0]
+            expert_ids, order = torch.sort(top_k_index.reshape(-1))  # token-expert pairs by expert
+            token = order // top_k_index.shape[-1]  # [S]
+            gate = expert_gate(hidden.index_select(0, token), weight, expert_ids)  # [S, d]
+            self._checksum(names["experts"], gate)
+            # Each pair's slot in a [(B+1), (E+1)] grid: uncounted tokens land in row B, sentinel
+            # experts in column E, and both are dropped, so no pair needs masking.
+            slot = batch.token_row.index_select(0, token) * (num_experts + 1) + expert_ids.clamp(
+                max=num_experts
+            )
+            fired = torch.gt(gate, 0, out=torch.empty(gate.shape, dtype=torch.int32, device=gate.device))
+            grid = (rows + 1) * (num_experts + 1)
+            neurons = torch.zeros((grid, width), dtype=torch.int32, device=gate.device)
+            neurons.index_add_(0, slot, fired)
+            selected = torch.bincount(slot, minlength=grid)
+            self.rows[names["experts"]] = neurons.view(rows + 1, num_experts + 1, width)[:rows, :num_experts]
+            self.rows[names["router"]] = selected.view(rows + 1, num_experts + 1)[:rows, :num_experts]
 
         return hook
 
 
-def expert_gate(
-    hidden: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
-) -> torch.Tensor:
+def _before_forward(module: nn.Module, hook) -> Callable[[], None]:
+    """Run ``hook(module, hidden_states, top_k_index)`` on every call of a fused experts module,
+    once its weights are in place; returns the function that detaches it.
+
+    A forward pre-hook sees the weights of resident modules (and, under ZeRO-3, after DeepSpeed's
+    own pre-hook has gathered them). An accelerate-offloaded module gets its weights only inside
+    its wrapped forward (``_old_forward``, called after the offload hook has loaded them onto the
+    execution device), so there the hook wraps that call instead."""
+
+    def inputs(args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+        return hidden, top_k_index
+
+    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
+        original = module._old_forward
+
+        def forward(*args, **kwargs):
+            hook(module, *inputs(args, kwargs))
+            return original(*args, **kwargs)
+
+        module._old_forward = forward
+        return lambda: setattr(module, "_old_forward", original)
+    handle = module.register_forward_pre_hook(
+        lambda module, args, kwargs: hook(module, *inputs(args, kwargs)), with_kwargs=True
+    )
+    return handle.remove
+
+
+def expert_gate(hidden: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
     """Gate pre-activations of token-expert pairs sorted by expert.
 
     Args:
@@ -135,20 +186,63 @@ def expert_gate(
     Returns:
         ``[S, d]``; rows of ignored pairs are unspecified.
     """
-    sizes = torch.bincount(expert_ids.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]
-    offsets = torch.cumsum(sizes, dim=0, dtype=torch.int32)
+    bounds = torch.arange(weight.shape[0], device=expert_ids.device)
+    ends = torch.searchsorted(expert_ids, bounds, right=True, out_int32=True)  # [E] cumulative sizes
     hidden = hidden.to(weight.dtype)
     with contextlib.suppress(RuntimeError, AttributeError):
         # grouped_mm takes device-side offsets: no host synchronisation.
-        return torch.nn.functional.grouped_mm(hidden, weight.transpose(1, 2), offs=offsets)
+        return torch.nn.functional.grouped_mm(hidden, weight.transpose(1, 2), offs=ends)
     # Fallback (unaligned weights, old torch): one matmul per expert, one sync for the sizes.
     out = hidden.new_zeros(hidden.shape[0], weight.shape[1])
     start = 0
-    for expert, size in enumerate(sizes.tolist()):
-        if size:
-            out[start : start + size] = hidden[start : start + size] @ weight[expert].T
-        start += size
+    for expert, end in enumerate(ends.tolist()):
+        if end > start:
+            out[start:end] = hidden[start:end] @ weight[expert].T
+        start = end
     return out
+
+
+@dataclass(frozen=True)
+class CountMemory:
+    """Bytes of count buffers: ``device`` (one batch's rows, the category totals, checksums and, on
+    CUDA, the staging buffers of the copies to host) and ``host`` (every instruction's rows)."""
+
+    device: int
+    host: int
+
+
+def count_memory(
+    sites: list[Site],
+    batch_size: int,
+    num_categories: int,
+    num_instructions: int,
+    instruction_dtype: torch.dtype | None = torch.int16,
+    total_dtype: torch.dtype = torch.int32,
+    staging: bool = False,
+) -> CountMemory:
+    """What ``record`` holds for counts, from the site shapes alone (``instruction_dtype`` None: no
+    per-instruction counts). ``staging``: CUDA, where rows pass through two narrow device buffers."""
+    rows = totals = narrow = 0
+    for site in sites:
+        units = _numel(site.shape)
+        totals += num_categories * units * total_dtype.itemsize + 8  # + the float64 checksum
+        if site.kind == "experts":  # int32 grid with a discard row and column
+            num_experts, width = site.shape
+            rows += (batch_size + 1) * (num_experts + 1) * width * 4
+        elif site.kind == "router":  # bincount: int64
+            rows += (batch_size + 1) * (site.shape[0] + 1) * 8
+        else:
+            rows += batch_size * units * 4
+        narrow += units * (instruction_dtype.itemsize if instruction_dtype else 0)
+    device = rows + totals + (2 * batch_size * narrow if staging else 0)
+    return CountMemory(device=device, host=num_instructions * narrow)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
 
 
 @contextlib.contextmanager
