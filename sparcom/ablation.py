@@ -11,6 +11,7 @@ from torch import nn
 
 from sparcom.conversation import encode
 from sparcom.data import Record
+from sparcom.models import check_resident
 from sparcom.probe import length_bucketed, pad_batch
 from sparcom.recorder import inference_mode
 from sparcom.select import NeuronSet, category_isn
@@ -46,6 +47,7 @@ def zeroed(model: nn.Module, neurons: NeuronSet, site_kinds: dict[str, str]) -> 
     """Silence neurons for the duration: zero their columns of the FFN's down projection (for a
     routed expert, its own slice), which removes exactly their contribution under every experts
     implementation. The weights are restored on exit."""
+    check_resident(unwrap(model), "ablation")
     modules = dict(unwrap(model).named_modules())
     saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
     with torch.no_grad():
@@ -86,6 +88,7 @@ def ablation_matrices(model: nn.Module, tokenizer, records: Sequence[Record], sn
     """Loss changes: ``delta[a, b]`` = response loss on category ``b`` with category ``a``'s ISNs
     zeroed, minus the intact loss; ``control[a, b]`` the same with random neurons of equal count
     per site. Returns both ``[C, C]`` matrices, the intact losses and the neuron counts."""
+    check_resident(unwrap(model), "ablation")  # before the long intact pass
     categories = snapshot.categories
     generator = torch.Generator().manual_seed(seed)
     intact = response_loss(model, tokenizer, records, categories, batch_size)

@@ -12,6 +12,7 @@ synchronisation (no ``.item()``/``.cpu()``), so accelerator work stays asynchron
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -37,19 +38,21 @@ class Recorder:
     ``set_batch(mask, categories)``, the model's forward, then ``finish_batch()``.
     """
 
-    def __init__(self, model: nn.Module, num_categories: int, total_dtype: torch.dtype = torch.int32):
+    def __init__(self, model: nn.Module, num_categories: int, largest_total: int = 2**24 - 1):
+        """``largest_total``: the most tokens any category counts (no count can exceed it)."""
         self.sites = find_sites(model)
         self.num_categories = num_categories
-        self.total_dtype = total_dtype
+        self.total_dtype = exact_float(largest_total)
         # Per site, on the site's device: [C, *shape] category totals, allocated at the site's first call.
         self.totals: dict[str, torch.Tensor] = {}
         # A running sum of every gate value: NaN or inf anywhere makes it non-finite. One cheap
         # reduction per call, checked once after the loop, instead of an isfinite pass per batch.
         self.checksums: dict[str, torch.Tensor] = {}
-        self.rows: dict[str, torch.Tensor] = {}  # this batch's [B, *shape] counts per site
+        self.rows: dict[str, torch.Tensor] = {}  # this batch's [B, *shape] float32 counts per site
         self._detach: list[Callable[[], None]] = []
         self._mask = self._categories = None
         self._on_device: dict[torch.device, _Batch] = {}
+        self._scratch_buffers: dict[tuple, torch.Tensor] = {}
 
     def set_batch(self, mask: torch.Tensor, categories: torch.Tensor) -> None:
         """``mask``: ``[B, L]`` bool, the tokens to count; ``categories``: ``[B]`` long, each row's category."""
@@ -107,6 +110,19 @@ class Recorder:
             checksum = self.checksums[name] = torch.zeros((), dtype=torch.float64, device=gate.device)
         checksum.add_(gate.sum(dtype=torch.float32))
 
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """A reusable buffer for a hook's large temporaries: sized by the largest batch so far, and
+        shared by the sites of one device (hooks run one after another). Fresh allocations of this
+        size cost page faults on CPU on every call."""
+        size = math.prod(shape)
+        if torch.device(device).type != "cpu":  # caching allocators already reuse memory
+            return torch.empty(shape, dtype=dtype, device=device)
+        key = (name, dtype, device)
+        buffer = self._scratch_buffers.get(key)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._scratch_buffers[key] = torch.empty(size, dtype=dtype, device=device)
+        return buffer[:size].view(shape)
+
     def _ffn_hook(self, name: str):
         def hook(module, args):
             gate = args[0]  # [B, L, d_ff] or [B*L, d_ff]
@@ -114,36 +130,45 @@ class Recorder:
             self._checksum(name, gate)
             # 0/1 as float32, then one batched matmul [B, 1, L] @ [B, L, d_ff] sums each row's counted
             # tokens (faster than mask-and-sum; exact for any L below 2**24).
-            fired = torch.gt(gate, 0, out=torch.empty(gate.shape, dtype=torch.float32, device=gate.device))
+            fired = torch.gt(gate, 0, out=self._scratch("fired", gate.shape, torch.float32, gate.device))
             fired = fired.view(batch.mask.shape[0], batch.mask.shape[2], -1)
-            self.rows[name] = torch.bmm(batch.mask, fired).squeeze(1).to(torch.int32)
+            self.rows[name] = torch.bmm(batch.mask, fired).squeeze(1)
 
         return hook
 
     def _experts_hook(self, names: dict[str, str]):
         def hook(module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
-            # hidden: [B*L, H]; top_k_index: [B*L, k], the router's actual choice (values >= E, if
-            # any, are expert-parallel sentinels: they sort last and are never counted).
+            # hidden: [T, H] with T = B*L; top_k_index: [T, k], the router's actual choice (values
+            # >= E, if any, are expert-parallel sentinels: they sort last and are never counted).
             batch = self._batch(hidden.device)
             weight = gate_weight(module)  # [E, d, H]
             num_experts, width = weight.shape[0], weight.shape[1]
-            rows = batch.mask.shape[0]
-            expert_ids, order = torch.sort(top_k_index.reshape(-1))  # token-expert pairs by expert
-            token = order // top_k_index.shape[-1]  # [S]
-            gate = expert_gate(hidden.index_select(0, token), weight, expert_ids)  # [S, d]
-            self._checksum(names["experts"], gate)
-            # Each pair's slot in a [(B+1), (E+1)] grid: uncounted tokens land in row B, sentinel
-            # experts in column E, and both are dropped, so no pair needs masking.
-            slot = batch.token_row.index_select(0, token) * (num_experts + 1) + expert_ids.clamp(
-                max=num_experts
+            cells = batch.mask.shape[0] + 1  # per expert: the B rows, then a discard row
+            # Each token-expert pair's cell (expert, row); sorted, pairs are grouped by expert for
+            # the gate's grouped matmul, and searching the sorted cells gives every cell's size.
+            cell, order = torch.sort(
+                torch.add(batch.token_row[:, None], top_k_index, alpha=cells).reshape(-1)
             )
-            fired = torch.gt(gate, 0, out=torch.empty(gate.shape, dtype=torch.int32, device=gate.device))
-            grid = (rows + 1) * (num_experts + 1)
-            neurons = torch.zeros((grid, width), dtype=torch.int32, device=gate.device)
-            neurons.index_add_(0, slot, fired)
-            selected = torch.bincount(slot, minlength=grid)
-            self.rows[names["experts"]] = neurons.view(rows + 1, num_experts + 1, width)[:rows, :num_experts]
-            self.rows[names["router"]] = selected.view(rows + 1, num_experts + 1)[:rows, :num_experts]
+            token = order // top_k_index.shape[-1]  # [S]
+            grid = num_experts * cells
+            ends = torch.searchsorted(
+                cell, torch.arange(grid, device=cell.device), right=True, out_int32=True
+            )
+            pairs = self._scratch("pairs", (token.shape[0], hidden.shape[1]), hidden.dtype, hidden.device)
+            expert_ends = ends.view(num_experts, cells)[:, -1].contiguous()
+            gate = expert_gate(torch.index_select(hidden, 0, token, out=pairs), weight, expert_ends)  # [S, d]
+            self._checksum(names["experts"], gate)
+            # float32 sums of 0/1 are exact below 2**24 in any order, and index_add is vectorised
+            # for floats (several times faster on CPU than for int32).
+            fired = torch.gt(gate, 0, out=self._scratch("fired", gate.shape, torch.float32, gate.device))
+            neurons = torch.zeros((grid + 1, width), dtype=torch.float32, device=gate.device)
+            neurons.index_add_(0, cell.clamp(max=grid), fired)  # sentinels: the extra last cell
+            selected = torch.diff(ends, prepend=ends.new_zeros(1))  # [E*cells]
+            rows = cells - 1
+            self.rows[names["experts"]] = (
+                neurons[:grid].view(num_experts, cells, width)[:, :rows].transpose(0, 1)
+            )
+            self.rows[names["router"]] = selected.view(num_experts, cells)[:, :rows].T.float()
 
         return hook
 
@@ -177,29 +202,34 @@ def _before_forward(module: nn.Module, hook) -> Callable[[], None]:
     return handle.remove
 
 
-def expert_gate(hidden: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+def expert_gate(hidden: torch.Tensor, weight: torch.Tensor, expert_ends: torch.Tensor) -> torch.Tensor:
     """Gate pre-activations of token-expert pairs sorted by expert.
 
     Args:
         hidden: ``[S, H]`` the token of each pair. weight: ``[E, d, H]`` gate weights.
-        expert_ids: ``[S]`` sorted expert of each pair (values >= E, if any, sort last and are ignored).
+        expert_ends: ``[E]`` int32, where each expert's pairs end (pairs beyond the last are ignored).
     Returns:
         ``[S, d]``; rows of ignored pairs are unspecified.
     """
-    bounds = torch.arange(weight.shape[0], device=expert_ids.device)
-    ends = torch.searchsorted(expert_ids, bounds, right=True, out_int32=True)  # [E] cumulative sizes
     hidden = hidden.to(weight.dtype)
     with contextlib.suppress(RuntimeError, AttributeError):
         # grouped_mm takes device-side offsets: no host synchronisation.
-        return torch.nn.functional.grouped_mm(hidden, weight.transpose(1, 2), offs=ends)
+        return torch.nn.functional.grouped_mm(hidden, weight.transpose(1, 2), offs=expert_ends)
     # Fallback (unaligned weights, old torch): one matmul per expert, one sync for the sizes.
     out = hidden.new_zeros(hidden.shape[0], weight.shape[1])
     start = 0
-    for expert, end in enumerate(ends.tolist()):
+    for expert, end in enumerate(expert_ends.tolist()):
         if end > start:
             out[start:end] = hidden[start:end] @ weight[expert].T
         start = end
     return out
+
+
+def exact_float(largest: int) -> torch.dtype:
+    """The float dtype that sums counts up to ``largest`` exactly: float32 below 2**24 (every integer
+    there is representable, so the order of additions does not matter), else float64. Counts are
+    kept in floats on the device because index_add and matmul are vectorised for floats."""
+    return torch.float32 if largest < 2**24 else torch.float64
 
 
 @dataclass(frozen=True)
@@ -217,32 +247,26 @@ def count_memory(
     num_categories: int,
     num_instructions: int,
     instruction_dtype: torch.dtype | None = torch.int16,
-    total_dtype: torch.dtype = torch.int32,
+    total_dtype: torch.dtype = torch.float32,
     staging: bool = False,
 ) -> CountMemory:
-    """What ``record`` holds for counts, from the site shapes alone (``instruction_dtype`` None: no
-    per-instruction counts). ``staging``: CUDA, where rows pass through two narrow device buffers."""
+    """What ``record`` holds for counts, from the site shapes alone: one batch's float32 rows (an
+    experts site's with a discard row per expert and one more cell), the category totals and a
+    float64 checksum per site on the device; ``num_instructions`` rows of ``instruction_dtype`` on
+    the host (None: no per-instruction counts). ``staging``: CUDA, where rows pass through two
+    narrow device buffers on their way to the host."""
     rows = totals = narrow = 0
     for site in sites:
-        units = _numel(site.shape)
-        totals += num_categories * units * total_dtype.itemsize + 8  # + the float64 checksum
-        if site.kind == "experts":  # int32 grid with a discard row and column
+        units = math.prod(site.shape)
+        totals += num_categories * units * total_dtype.itemsize + 8
+        if site.kind == "experts":
             num_experts, width = site.shape
-            rows += (batch_size + 1) * (num_experts + 1) * width * 4
-        elif site.kind == "router":  # bincount: int64
-            rows += (batch_size + 1) * (site.shape[0] + 1) * 8
+            rows += (num_experts * (batch_size + 1) + 1) * width * 4
         else:
             rows += batch_size * units * 4
         narrow += units * (instruction_dtype.itemsize if instruction_dtype else 0)
     device = rows + totals + (2 * batch_size * narrow if staging else 0)
     return CountMemory(device=device, host=num_instructions * narrow)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
 
 
 @contextlib.contextmanager
