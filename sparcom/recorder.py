@@ -252,13 +252,13 @@ def count_memory(
 ) -> CountMemory:
     """What ``record`` holds for counts, from the site shapes alone: one batch's float32 rows (an
     experts site's with a discard row per expert and one more cell), the category totals and a
-    float64 checksum per site on the device; ``num_instructions`` rows of ``instruction_dtype`` on
+    float64 checksum per gate (ffn and experts sites) on the device; ``num_instructions`` rows of ``instruction_dtype`` on
     the host (None: no per-instruction counts). ``staging``: CUDA, where rows pass through two
     narrow device buffers on their way to the host."""
     rows = totals = narrow = 0
     for site in sites:
         units = math.prod(site.shape)
-        totals += num_categories * units * total_dtype.itemsize + 8
+        totals += num_categories * units * total_dtype.itemsize + (8 if site.kind != "router" else 0)
         if site.kind == "experts":
             num_experts, width = site.shape
             rows += (num_experts * (batch_size + 1) + 1) * width * 4
