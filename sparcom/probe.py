@@ -79,42 +79,19 @@ def record(
     category_of = torch.tensor([categories.index(r["category"]) for r in records])
     category_tokens = _sum_rows(tokens, category_of, len(categories))
     batches = length_bucketed([len(e.input_ids) for e in encoded], batch_size)
-    starts = [0]  # where each batch's rows begin in recording order (batch after batch)
-    for batch in batches:
-        starts.append(starts[-1] + len(batch))
 
     hf_model = unwrap(model)
-    recorder = Recorder(hf_model, len(categories), count_dtype(int(category_tokens.max()), torch.int32))
+    recorder = Recorder(hf_model, len(categories), int(category_tokens.max()))
     sites = {site.name: site for site, _ in recorder.sites}
     host = None
     if per_instruction:
         pin = any(p.device.type == "cuda" for p in hf_model.parameters())
         shapes = {name: site.shape for name, site in sites.items()}
         host = HostRows(shapes, len(records), count_dtype(int(tokens.max())), batch_size, pin)
-    device = _input_device(hf_model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # ZeRO-3 makes every forward collective: all ranks run ceil(n / world) batches, empty ones included.
-    rounds = math.ceil(len(batches) / world)
     try:
         with inference_mode(model), recorder:
-            for index in tqdm(
-                range(rank, rounds * world, world),
-                desc=f"record ({token_scope})",
-                unit="batch",
-                disable=not progress or rank,
-            ):
-                rows = batches[index] if index < len(batches) else []
-                input_ids, attention, scope = pad_batch([encoded[i] for i in rows], token_scope, pad_id)
-                recorder.set_batch(scope, category_of[rows] if rows else torch.zeros(1, dtype=torch.long))
-                model(
-                    input_ids=input_ids.to(device, non_blocking=True),
-                    attention_mask=attention.to(device, non_blocking=True),
-                    use_cache=False,
-                    logits_to_keep=1,  # counts need no logits: skip the vocabulary projection
-                )
-                counts = recorder.finish_batch()
-                if host is not None:
-                    host.push(counts, starts[min(index, len(batches))], len(rows))
+            run_batches(model, recorder, host, encoded, batches, category_of, token_scope, pad_id, progress)
     except Exception as err:
         if world == 1:
             raise
@@ -125,7 +102,9 @@ def record(
         ) from err
 
     totals = {
-        name: recorder.totals.get(name, torch.zeros((len(categories), *site.shape), dtype=torch.int32))
+        name: recorder.totals.get(
+            name, torch.zeros((len(categories), *site.shape), dtype=recorder.total_dtype)
+        )
         for name, site in sites.items()
     }
     checksums = recorder.checksums
@@ -143,7 +122,7 @@ def record(
     if host is not None:
         rows = host.wait()
         if world > 1:
-            _share_rows(rows, batches, starts)
+            _share_rows(rows, batches)
         position = torch.empty(len(records), dtype=torch.long)  # each instruction's recording position
         position[[i for batch in batches for i in batch]] = torch.arange(len(records))
         instruction_counts = {site: rows.pop(site).index_select(0, position) for site in list(rows)}
@@ -169,6 +148,54 @@ def record(
     )
 
 
+def run_batches(
+    model: nn.Module,
+    recorder: Recorder,
+    host: HostRows | None,
+    encoded: Sequence[Encoded],
+    batches: list[list[int]],
+    category_of: torch.Tensor,
+    token_scope: str,
+    pad_id: int,
+    progress: bool = False,
+) -> None:
+    """The recording loop: this rank's share of ``batches`` through the model, counts to the
+    recorder's category totals and, batch by batch, every row to ``host`` (in recording order:
+    batch after batch). No host synchronisation: inputs go to the device without waiting, and
+    nothing is read back until the loop is over."""
+    rank, world = _rank_and_world()
+    starts = _starts(batches)
+    device = _input_device(unwrap(model))
+    # ZeRO-3 makes every forward collective: all ranks run ceil(n / world) batches, empty ones included.
+    rounds = math.ceil(len(batches) / world)
+    for index in tqdm(
+        range(rank, rounds * world, world),
+        desc=f"record ({token_scope})",
+        unit="batch",
+        disable=not progress or rank,
+    ):
+        rows = batches[index] if index < len(batches) else []
+        input_ids, attention, scope = pad_batch([encoded[i] for i in rows], token_scope, pad_id)
+        recorder.set_batch(scope, category_of[rows] if rows else torch.zeros(1, dtype=torch.long))
+        model(
+            input_ids=input_ids.to(device, non_blocking=True),
+            attention_mask=attention.to(device, non_blocking=True),
+            use_cache=False,
+            logits_to_keep=1,  # counts need no logits: skip the vocabulary projection
+        )
+        counts = recorder.finish_batch()
+        if host is not None:
+            host.push(counts, starts[min(index, len(batches))], len(rows))
+
+
+def _starts(batches: list[list[int]]) -> list[int]:
+    """Where each batch's rows begin in recording order (and, last, the number of rows)."""
+    starts = [0]
+    for batch in batches:
+        starts.append(starts[-1] + len(batch))
+    return starts
+
+
 def _input_device(model: nn.Module) -> torch.device:
     """Where input ids go: the embedding's device (an offloaded embedding is on "meta"; accelerate's
     hooks then move the inputs themselves)."""
@@ -189,12 +216,13 @@ def _all_reduce(tensor: torch.Tensor) -> None:
         tensor.copy_(staged)
 
 
-def _share_rows(rows: dict[str, torch.Tensor], batches: list[list[int]], starts: list[int]) -> None:
+def _share_rows(rows: dict[str, torch.Tensor], batches: list[list[int]]) -> None:
     """Give every rank every instruction's rows: the rank that ran a batch broadcasts its rows, one
     batch of one site at a time, so no more than that passes through the device at once. Rows are
     sent as bytes, since collectives do not all take narrow integers."""
     world = torch.distributed.get_world_size()
     device = _collective_device()
+    starts = _starts(batches)
     for values in rows.values():
         for index, batch in enumerate(batches):
             chunk = values[starts[index] : starts[index] + len(batch)].view(torch.uint8)

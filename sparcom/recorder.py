@@ -64,10 +64,7 @@ class Recorder:
         """Add this batch's rows into the category totals; returns them (``[B, *shape]`` per site,
         on the site's device, valid until the next ``set_batch``)."""
         for name, rows in self.rows.items():
-            totals = self.totals.get(name)
-            if totals is None:
-                shape = (self.num_categories, *rows.shape[1:])
-                totals = self.totals[name] = torch.zeros(shape, dtype=self.total_dtype, device=rows.device)
+            totals = self.totals[name]
             totals.index_add_(0, self._batch(rows.device).categories, rows.to(totals.dtype))
         return self.rows
 
@@ -104,6 +101,13 @@ class Recorder:
             )
         return batch
 
+    def _keep(self, name: str, rows: torch.Tensor) -> None:
+        """This batch's rows of a site; its category totals are allocated beside them on first use."""
+        self.rows[name] = rows
+        if name not in self.totals:
+            shape = (self.num_categories, *rows.shape[1:])
+            self.totals[name] = torch.zeros(shape, dtype=self.total_dtype, device=rows.device)
+
     def _checksum(self, name: str, gate: torch.Tensor) -> None:
         checksum = self.checksums.get(name)
         if checksum is None:
@@ -132,7 +136,7 @@ class Recorder:
             # tokens (faster than mask-and-sum; exact for any L below 2**24).
             fired = torch.gt(gate, 0, out=self._scratch("fired", gate.shape, torch.float32, gate.device))
             fired = fired.view(batch.mask.shape[0], batch.mask.shape[2], -1)
-            self.rows[name] = torch.bmm(batch.mask, fired).squeeze(1)
+            self._keep(name, torch.bmm(batch.mask, fired).squeeze(1))
 
         return hook
 
@@ -165,10 +169,10 @@ class Recorder:
             neurons.index_add_(0, cell.clamp(max=grid), fired)  # sentinels: the extra last cell
             selected = torch.diff(ends, prepend=ends.new_zeros(1))  # [E*cells]
             rows = cells - 1
-            self.rows[names["experts"]] = (
-                neurons[:grid].view(num_experts, cells, width)[:, :rows].transpose(0, 1)
+            self._keep(
+                names["experts"], neurons[:grid].view(num_experts, cells, width)[:, :rows].transpose(0, 1)
             )
-            self.rows[names["router"]] = selected.view(num_experts, cells)[:, :rows].T.float()
+            self._keep(names["router"], selected.view(num_experts, cells)[:, :rows].T.float())
 
         return hook
 

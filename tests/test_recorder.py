@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
-from torch import nn
+from bench.held import count_bytes_at_fullest
 
 import sparcom
 from sparcom.models import TINY_PRESETS, load_model
-from sparcom.recorder import Recorder, count_memory
+from sparcom.recorder import count_memory
 from sparcom.sites import ARCHITECTURES, UnsupportedModelError, find_sites
 
 import conftest
@@ -139,34 +141,6 @@ def test_non_finite_activations_warn_with_the_site(small_records):
     assert int(snapshot.category_counts["model.layers.2.mlp"][:, 0].sum()) == 0  # NaN never counts
 
 
-def _held_tensors(root, skip: set[int]) -> dict[int, int]:
-    """Storage bytes of every tensor reachable from ``root`` through containers and plain objects
-    (not through modules or functions, which lead into the model), by storage address."""
-    found, seen, stack = {}, set(), [root]
-    while stack:
-        item = stack.pop()
-        if id(item) in seen or id(item) in skip or isinstance(item, nn.Module) or callable(item):
-            continue
-        seen.add(id(item))
-        if isinstance(item, torch.Tensor):
-            found[item.untyped_storage().data_ptr()] = item.untyped_storage().nbytes()
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list | tuple | set):
-            stack.extend(item)
-        elif hasattr(item, "__dict__"):
-            stack.extend(vars(item).values())
-    return found
-
-
-def _recorders_hooked_into(model):
-    for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            for cell in hook.__closure__ or ():
-                if isinstance(cell.cell_contents, Recorder):
-                    yield cell.cell_contents
-
-
 @pytest.mark.parametrize("preset", ["tiny-qwen2-moe", "tiny-llama"])
 def test_count_buffers_on_the_device_are_bounded_by_the_batch(preset):
     """Two rows at a time over 6 or 36 instructions: at its fullest (after a forward, before the
@@ -177,22 +151,10 @@ def test_count_buffers_on_the_device_are_bounded_by_the_batch(preset):
     sites = [site for site, _ in find_sites(model)]
     for per_category in (1, 6):
         records = conftest.per_category(per_category)
-        fullest: list[int] = []
-
-        def measure(module, args, output, fullest=fullest):
-            (recorder,) = {id(r): r for r in _recorders_hooked_into(model)}.values()
-            # Per-token inputs and workspace (the mask, scratch buffers) are activation-sized, not counts.
-            workspace = _held_tensors([recorder._on_device, recorder._scratch_buffers, recorder._mask], set())
-            held = _held_tensors(recorder, set())
-            fullest.append(sum(size for address, size in held.items() if address not in workspace))
-
-        handle = model.register_forward_hook(measure)
-        try:
-            snapshot = sparcom.record(model, tokenizer, records, batch_size=2, progress=False)
-        finally:
-            handle.remove()
+        fullest, snapshot = count_bytes_at_fullest(
+            model, partial(sparcom.record, model, tokenizer, records, batch_size=2, progress=False)
+        )
         expected = count_memory(sites, batch_size=2, num_categories=6, num_instructions=len(records))
-        assert max(fullest) == expected.device, per_category
-        host = sum(counts.nbytes for counts in snapshot.instruction_counts.values())
-        assert host == expected.host
+        assert fullest == expected.device, per_category
+        assert sum(counts.nbytes for counts in snapshot.instruction_counts.values()) == expected.host
         assert {c.dtype for c in snapshot.instruction_counts.values()} == {torch.int16}
