@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparcom.sites import Site, find_sites, gate_weight
+from sparcom.sites import Site, find_sites
 
 
 @dataclass
@@ -77,7 +77,8 @@ class Recorder:
             else:
                 experts_sites.setdefault(id(module), {})[site.kind] = site.name
         for module in {id(m): m for s, m in self.sites if s.kind != "ffn"}.values():
-            self._detach.append(_before_forward(module, self._experts_hook(experts_sites[id(module)])))
+            forward = self._experts_forward(module, experts_sites[id(module)])
+            self._detach.append(_replace_forward(module, forward))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -140,91 +141,87 @@ class Recorder:
 
         return hook
 
-    def _experts_hook(self, names: dict[str, str]):
-        def hook(module, hidden: torch.Tensor, top_k_index: torch.Tensor) -> None:
-            # hidden: [T, H] with T = B*L; top_k_index: [T, k], the router's actual choice (values
-            # >= E, if any, are expert-parallel sentinels: they sort last and are never counted).
-            batch = self._batch(hidden.device)
-            weight = gate_weight(module)  # [E, d, H]
-            num_experts, width = weight.shape[0], weight.shape[1]
-            cells = batch.mask.shape[0] + 1  # per expert: the B rows, then a discard row
-            # Each token-expert pair's cell (expert, row); sorted, pairs are grouped by expert for
-            # the gate's grouped matmul, and searching the sorted cells gives every cell's size.
-            cell, order = torch.sort(
-                torch.add(batch.token_row[:, None], top_k_index, alpha=cells).reshape(-1)
-            )
-            token = order // top_k_index.shape[-1]  # [S]
-            grid = num_experts * cells
+    def _experts_forward(self, module: nn.Module, names: dict[str, str]):
+        """The fused experts' forward while recording: transformers' ``grouped_mm`` computation, op
+        for op, which also counts every token-expert pair from the gate half of the projection it
+        computes anyway. Counting costs a comparison and a scatter, not a second gate projection."""
+
+        def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+            # hidden_states: [T, H] with T = B*L; top_k_index, top_k_weights: [T, k], the router's choice.
+            gate_up, down = module.gate_up_proj, module.down_proj
+            if not getattr(module, "is_transposed", False):
+                gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)  # [E, H, 2d], [E, d, H]
+            num_experts, width = gate_up.shape[0], gate_up.shape[2] // 2
+            tokens, top_k = top_k_index.shape
+            expert_ids, order = torch.sort(top_k_index.reshape(-1))  # token-expert pairs by expert
+            token = order // top_k  # [S]
             ends = torch.searchsorted(
-                cell, torch.arange(grid, device=cell.device), right=True, out_int32=True
-            )
-            pairs = self._scratch("pairs", (token.shape[0], hidden.shape[1]), hidden.dtype, hidden.device)
-            expert_ends = ends.view(num_experts, cells)[:, -1].contiguous()
-            gate = expert_gate(torch.index_select(hidden, 0, token, out=pairs), weight, expert_ends)  # [S, d]
-            self._checksum(names["experts"], gate)
-            # float32 sums of 0/1 are exact below 2**24 in any order, and index_add is vectorised
-            # for floats (several times faster on CPU than for int32).
-            fired = torch.gt(gate, 0, out=self._scratch("fired", gate.shape, torch.float32, gate.device))
-            neurons = torch.zeros((grid + 1, width), dtype=torch.float32, device=gate.device)
-            neurons.index_add_(0, cell.clamp(max=grid), fired)  # sentinels: the extra last cell
-            selected = torch.diff(ends, prepend=ends.new_zeros(1))  # [E*cells]
-            rows = cells - 1
-            self._keep(
-                names["experts"], neurons[:grid].view(num_experts, cells, width)[:, :rows].transpose(0, 1)
-            )
-            self._keep(names["router"], selected.view(num_experts, cells)[:, :rows].T.float())
+                expert_ids, torch.arange(num_experts, device=expert_ids.device), right=True, out_int32=True
+            )  # [E]: where each expert's pairs end (values >= E, expert-parallel sentinels, sort last)
+            projected = grouped_mm(hidden_states.index_select(0, token), gate_up, ends)  # [S, 2d]
+            gate = projected[:, :width] if getattr(module, "is_concatenated", True) else projected[:, 0::2]
+            self._count_pairs(names, gate, token, expert_ids, num_experts)
+            out = grouped_mm(module._apply_gate(projected), down, ends)  # [S, H]
+            if getattr(module, "has_post_expert_norm", False):
+                out = module.post_expert_norm(out)
+            out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+            unsorted = torch.empty_like(order)
+            unsorted[order] = torch.arange(order.shape[0], device=order.device)
+            return out[unsorted].view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
-        return hook
+        return forward
 
-
-def _before_forward(module: nn.Module, hook) -> Callable[[], None]:
-    """Run ``hook(module, hidden_states, top_k_index)`` on every call of a fused experts module,
-    once its weights are in place; returns the function that detaches it.
-
-    A forward pre-hook sees the weights of resident modules (and, under ZeRO-3, after DeepSpeed's
-    own pre-hook has gathered them). An accelerate-offloaded module gets its weights only inside
-    its wrapped forward (``_old_forward``, called after the offload hook has loaded them onto the
-    execution device), so there the hook wraps that call instead."""
-
-    def inputs(args, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]
-        return hidden, top_k_index
-
-    if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
-        original = module._old_forward
-
-        def forward(*args, **kwargs):
-            hook(module, *inputs(args, kwargs))
-            return original(*args, **kwargs)
-
-        module._old_forward = forward
-        return lambda: setattr(module, "_old_forward", original)
-    handle = module.register_forward_pre_hook(
-        lambda module, args, kwargs: hook(module, *inputs(args, kwargs)), with_kwargs=True
-    )
-    return handle.remove
+    def _count_pairs(self, names, gate: torch.Tensor, token, expert_ids, num_experts: int) -> None:
+        """``gate``: ``[S, d]`` pre-activations of token-expert pairs; ``token``, ``expert_ids``: ``[S]``."""
+        batch = self._batch(gate.device)
+        rows = batch.mask.shape[0]
+        self._checksum(names["experts"], gate)
+        # Each pair's cell in a [(B+1), (E+1)] grid: uncounted tokens land in row B, sentinel
+        # experts in column E, and both are dropped, so no pair needs masking.
+        cell = torch.add(expert_ids.clamp(max=num_experts), batch.token_row[token], alpha=num_experts + 1)
+        grid = (rows + 1) * (num_experts + 1)
+        # float32 sums of 0/1 are exact below 2**24 in any order, and index_add is vectorised for
+        # floats (several times faster on CPU than for int32).
+        fired = torch.gt(gate, 0, out=self._scratch("fired", gate.shape, torch.float32, gate.device))
+        neurons = torch.zeros((grid, gate.shape[1]), dtype=torch.float32, device=gate.device)
+        neurons.index_add_(0, cell, fired)
+        selected = torch.bincount(cell, minlength=grid).to(torch.float32)
+        self._keep(names["experts"], neurons.view(rows + 1, num_experts + 1, -1)[:rows, :num_experts])
+        self._keep(names["router"], selected.view(rows + 1, num_experts + 1)[:rows, :num_experts])
 
 
-def expert_gate(hidden: torch.Tensor, weight: torch.Tensor, expert_ends: torch.Tensor) -> torch.Tensor:
-    """Gate pre-activations of token-expert pairs sorted by expert.
+def _replace_forward(module: nn.Module, forward) -> Callable[[], None]:
+    """Make ``forward`` the module's forward for a while; returns the function that restores it.
+
+    Module hooks (DeepSpeed ZeRO-3 gathers parameters in one) still run around it. An
+    accelerate-dispatched module keeps its offload wrapper as ``forward``, which loads the weights
+    and then calls ``_old_forward``: that is the one replaced there."""
+    name = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+    own = vars(module)
+    had, original = name in own, own.get(name)
+    setattr(module, name, forward)
+    return lambda: setattr(module, name, original) if had else delattr(module, name)
+
+
+def grouped_mm(inputs: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``inputs[s] @ weight[e]`` for rows grouped by ``e``.
 
     Args:
-        hidden: ``[S, H]`` the token of each pair. weight: ``[E, d, H]`` gate weights.
-        expert_ends: ``[E]`` int32, where each expert's pairs end (pairs beyond the last are ignored).
+        inputs: ``[S, K]``, rows sorted by group. weight: ``[E, K, N]``.
+        ends: ``[E]`` int32, where each group's rows end (rows beyond the last are left out).
     Returns:
-        ``[S, d]``; rows of ignored pairs are unspecified.
+        ``[S, N]``; rows beyond ``ends[-1]`` are unspecified.
     """
-    hidden = hidden.to(weight.dtype)
+    inputs = inputs.to(weight.dtype)
     with contextlib.suppress(RuntimeError, AttributeError):
         # grouped_mm takes device-side offsets: no host synchronisation.
-        return torch.nn.functional.grouped_mm(hidden, weight.transpose(1, 2), offs=expert_ends)
-    # Fallback (unaligned weights, old torch): one matmul per expert, one sync for the sizes.
-    out = hidden.new_zeros(hidden.shape[0], weight.shape[1])
+        return torch.nn.functional.grouped_mm(inputs, weight, offs=ends)
+    # Other dtypes (float64), unaligned weights, old GPUs: one matmul per group, one sync for the sizes.
+    out = inputs.new_zeros(inputs.shape[0], weight.shape[2])
     start = 0
-    for expert, end in enumerate(expert_ends.tolist()):
+    for group, end in enumerate(ends.tolist()):
         if end > start:
-            out[start:end] = hidden[start:end] @ weight[expert].T
+            out[start:end] = inputs[start:end] @ weight[group]
         start = end
     return out
 
@@ -254,20 +251,19 @@ def count_memory(
     total_dtype: torch.dtype = torch.float32,
     staging: bool = False,
 ) -> CountMemory:
-    """What ``record`` holds for counts, from the site shapes alone: one batch's float32 rows (an
-    experts site's with a discard row per expert and one more cell), the category totals and a
-    float64 checksum per gate (ffn and experts sites) on the device; ``num_instructions`` rows of ``instruction_dtype`` on
-    the host (None: no per-instruction counts). ``staging``: CUDA, where rows pass through two
-    narrow device buffers on their way to the host."""
+    """What ``record`` holds for counts, from the site shapes alone. On the device: one batch's
+    float32 rows (an experts or router site's in a grid with a discard row and a discard expert),
+    the category totals, and a float64 checksum per gate (ffn and experts sites). On the host:
+    ``num_instructions`` rows of ``instruction_dtype`` (None: no per-instruction counts).
+    ``staging``: CUDA, where rows pass through two narrow device buffers on their way to the host."""
     rows = totals = narrow = 0
     for site in sites:
         units = math.prod(site.shape)
         totals += num_categories * units * total_dtype.itemsize + (8 if site.kind != "router" else 0)
-        if site.kind == "experts":
-            num_experts, width = site.shape
-            rows += (num_experts * (batch_size + 1) + 1) * width * 4
-        else:
+        if site.kind == "ffn":
             rows += batch_size * units * 4
+        else:
+            rows += (batch_size + 1) * (site.shape[0] + 1) * math.prod(site.shape[1:]) * 4
         narrow += units * (instruction_dtype.itemsize if instruction_dtype else 0)
     device = rows + totals + (2 * batch_size * narrow if staging else 0)
     return CountMemory(device=device, host=num_instructions * narrow)

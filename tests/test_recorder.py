@@ -10,7 +10,7 @@ from bench.held import count_bytes_at_fullest
 
 import sparcom
 from sparcom.models import TINY_PRESETS, load_model
-from sparcom.recorder import count_memory
+from sparcom.recorder import Recorder, count_memory
 from sparcom.sites import ARCHITECTURES, UnsupportedModelError, find_sites
 
 import conftest
@@ -158,3 +158,28 @@ def test_count_buffers_on_the_device_are_bounded_by_the_batch(preset):
         assert fullest == expected.device, per_category
         assert sum(counts.nbytes for counts in snapshot.instruction_counts.values()) == expected.host
         assert {c.dtype for c in snapshot.instruction_counts.values()} == {torch.int16}
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2-moe", "tiny-mixtral", "tiny-deepseek-v3"])
+def test_recording_runs_the_models_own_computation(preset, small_records):
+    """While recording, the fused experts run transformers' grouped_mm computation op for op
+    (counting from the projection it computes anyway): the model's outputs are bitwise those of
+    its grouped_mm implementation, and within rounding of eager's. The forward is restored after."""
+    model, tokenizer = load_model(preset)
+    encoded = [sparcom.conversation.encode(r, tokenizer) for r in small_records[:6]]
+    input_ids, attention, scope = sparcom.probe.pad_batch(encoded, "all", tokenizer.pad_token_id)
+    outputs = {}
+    with torch.no_grad():
+        for implementation in ("grouped_mm", "eager"):
+            model.set_experts_implementation(implementation)
+            outputs[implementation] = model(input_ids=input_ids, attention_mask=attention).logits
+            recorder = Recorder(model, num_categories=6)
+            with recorder:
+                recorder.set_batch(scope, torch.arange(6))
+                outputs[f"recording, {implementation} configured"] = model(
+                    input_ids=input_ids, attention_mask=attention
+                ).logits
+    assert torch.equal(outputs["recording, grouped_mm configured"], outputs["grouped_mm"])
+    assert torch.equal(outputs["recording, eager configured"], outputs["grouped_mm"])
+    torch.testing.assert_close(outputs["eager"], outputs["grouped_mm"], rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())

@@ -17,7 +17,7 @@ from torch import nn
 
 from sparcom.conversation import encode
 from sparcom.probe import length_bucketed, pad_batch
-from sparcom.recorder import expert_gate
+from sparcom.recorder import grouped_mm
 from sparcom.sites import find_sites, gate_weight
 
 KINDS = ("ffn", "router", "experts")
@@ -55,7 +55,7 @@ class Decisions:
                 right=True,
                 out_int32=True,
             )
-            gate = expert_gate(hidden[order // top_k_index.shape[-1]], weight, ends)  # [S, d], sorted
+            gate = grouped_mm(hidden[order // top_k_index.shape[-1]], weight.transpose(1, 2), ends)  # [S, d]
             fired = torch.empty_like(gate, dtype=torch.bool)
             fired[order] = gate > 0  # back to pair order: [T*k, d]
             self.decisions[name] = (top_k_index, fired.view(*top_k_index.shape, -1))  # [T, k], [T, k, d]
