@@ -55,9 +55,18 @@ def record(
         per_instruction: also keep counts per instruction (needed for overlap matrices).
         step: training step stored in the snapshot's metadata.
 
+    Returns category counts as int64 and per-instruction counts in the narrowest integer dtype
+    that holds them (int16 while no instruction counts more than 32,767 tokens, else int32), on
+    the CPU. Memory: the model's devices hold one batch's counts per site plus the category totals
+    (``sparcom.recorder.count_memory``); each batch's per-instruction rows go to host memory as
+    soon as it is done (asynchronously on CUDA). The model may be dispatched over several devices,
+    offloaded layers included (``sparcom.models.load_model(..., device_map=...)``).
+
     Under torch.distributed every rank must call this with the same records: each rank runs
-    its share of batches (all ranks run the same number, as ZeRO-3 requires) and the counts are
-    summed across ranks, so every rank returns the counts one process would give over everything.
+    its share of batches (all ranks run the same number, as ZeRO-3 requires); category totals are
+    summed across ranks, and each batch's per-instruction rows are sent from the rank that ran it
+    to every other, one batch of one site at a time, so every rank returns the counts one process
+    would give over everything.
     """
     if token_scope not in TOKEN_SCOPES:
         raise ValueError(f"unknown token_scope {token_scope!r}; expected one of {list(TOKEN_SCOPES)}")

@@ -1,12 +1,22 @@
 """The one place that touches hooks: streaming firing counts while the model runs forward.
 
-Per batch of ``B`` padded rows of length ``L`` (one row per instruction), each site's hook turns its
-FFN inputs into ``[B, *site_shape]`` counts of how many of the row's counted tokens fired each neuron
-(or selected each expert), on the device where that site runs. ``finish_batch`` adds them into the
-category totals ``[C, *site_shape]`` on the same device and hands the rows to the caller, which moves
-them to host memory (``sparcom.host_rows``). Device memory for counts is therefore one batch's rows
-plus the category totals, whatever the number of instructions; the loop makes no host
-synchronisation (no ``.item()``/``.cpu()``), so accelerator work stays asynchronous.
+Per batch of ``B`` padded rows of length ``L`` (one row per instruction), every site yields
+``[B, *site_shape]`` counts of how many of each row's counted tokens fired each neuron (or selected
+each expert), on the device where that site runs:
+
+- dense FFNs (shared experts included): a forward pre-hook on the activation module reads the
+  gate pre-activation ``g`` it is given, so a count costs a comparison and a batched row sum;
+- fused routed experts: while recording, the experts module runs transformers' grouped-matmul
+  computation op for op (outputs bitwise those of its ``grouped_mm`` implementation), and counts
+  every token-expert pair the router actually selected from the gate half of the projection that
+  computation makes anyway. Counting therefore never projects a gate twice, and holds whichever
+  experts implementation the model is configured with.
+
+``finish_batch`` adds the rows into the category totals ``[C, *site_shape]`` on the same device and
+hands them to the caller, which moves them to host memory (``sparcom.host_rows``). Device memory for
+counts is one batch's rows plus the category totals, whatever the number of instructions
+(``count_memory``); the loop makes no host synchronisation (no ``.item()``/``.cpu()``), so
+accelerator work stays asynchronous.
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ class _Batch:
 
 
 class Recorder:
-    """Hooks that count, per batch row, how often each neuron (or expert) of every site fires.
+    """Counts, per batch row, how often each neuron (or expert) of every site fires.
 
     Use as a context manager (hooks are attached on entry and always removed on exit); per batch:
     ``set_batch(mask, categories)``, the model's forward, then ``finish_batch()``.
