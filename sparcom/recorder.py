@@ -87,6 +87,11 @@ class Recorder:
             else:
                 experts_sites.setdefault(id(module), {})[site.kind] = site.name
         for module in {id(m): m for s, m in self.sites if s.kind != "ffn"}.values():
+            if getattr(module, "_is_expert_parallel", False):
+                raise ValueError(
+                    f"{type(module).__name__} is sharded expert-parallel; record it in one process "
+                    "(or under DeepSpeed), where every rank holds every expert"
+                )
             forward = self._experts_forward(module, experts_sites[id(module)])
             self._detach.append(_replace_forward(module, forward))
         return self
@@ -167,7 +172,7 @@ class Recorder:
             token = order // top_k  # [S]
             ends = torch.searchsorted(
                 expert_ids, torch.arange(num_experts, device=expert_ids.device), right=True, out_int32=True
-            )  # [E]: where each expert's pairs end (values >= E, expert-parallel sentinels, sort last)
+            )  # [E]: where each expert's pairs end
             projected = grouped_mm(hidden_states.index_select(0, token), gate_up, ends)  # [S, 2d]
             gate = projected[:, :width] if getattr(module, "is_concatenated", True) else projected[:, 0::2]
             self._count_pairs(names, gate, token, expert_ids, num_experts)
@@ -186,18 +191,18 @@ class Recorder:
         batch = self._batch(gate.device)
         rows = batch.mask.shape[0]
         self._checksum(names["experts"], gate)
-        # Each pair's cell in a [(B+1), (E+1)] grid: uncounted tokens land in row B, sentinel
-        # experts in column E, and both are dropped, so no pair needs masking.
-        cell = torch.add(expert_ids.clamp(max=num_experts), batch.token_row[token], alpha=num_experts + 1)
-        grid = (rows + 1) * (num_experts + 1)
+        # Each pair's cell in a [B+1, E] grid: pairs of uncounted tokens land in row B, which is
+        # dropped, so no pair needs masking.
+        cell = torch.add(expert_ids, batch.token_row[token], alpha=num_experts)
+        grid = (rows + 1) * num_experts
         # float32 sums of 0/1 are exact below 2**24 in any order, and index_add is vectorised for
         # floats (several times faster on CPU than for int32).
         fired = torch.gt(gate, 0, out=self._scratch("fired", gate.shape, torch.float32, gate.device))
         neurons = torch.zeros((grid, gate.shape[1]), dtype=torch.float32, device=gate.device)
         neurons.index_add_(0, cell, fired)
         selected = torch.bincount(cell, minlength=grid).to(torch.float32)
-        self._keep(names["experts"], neurons.view(rows + 1, num_experts + 1, -1)[:rows, :num_experts])
-        self._keep(names["router"], selected.view(rows + 1, num_experts + 1)[:rows, :num_experts])
+        self._keep(names["experts"], neurons.view(rows + 1, num_experts, -1)[:rows])
+        self._keep(names["router"], selected.view(rows + 1, num_experts)[:rows])
 
 
 def _replace_forward(module: nn.Module, forward) -> Callable[[], None]:
@@ -262,7 +267,7 @@ def count_memory(
     staging: bool = False,
 ) -> CountMemory:
     """What ``record`` holds for counts, from the site shapes alone. On the device: one batch's
-    float32 rows (an experts or router site's in a grid with a discard row and a discard expert),
+    float32 rows (an experts or router site's with one more, discarded, row),
     the category totals, and a float64 checksum per gate (ffn and experts sites). On the host:
     ``num_instructions`` rows of ``instruction_dtype`` (None: no per-instruction counts).
     ``staging``: CUDA, where rows pass through two narrow device buffers on their way to the host."""
@@ -270,10 +275,7 @@ def count_memory(
     for site in sites:
         units = math.prod(site.shape)
         totals += num_categories * units * total_dtype.itemsize + (8 if site.kind != "router" else 0)
-        if site.kind == "ffn":
-            rows += batch_size * units * 4
-        else:
-            rows += (batch_size + 1) * (site.shape[0] + 1) * math.prod(site.shape[1:]) * 4
+        rows += (batch_size if site.kind == "ffn" else batch_size + 1) * units * 4
         narrow += units * (instruction_dtype.itemsize if instruction_dtype else 0)
     device = rows + totals + (2 * batch_size * narrow if staging else 0)
     return CountMemory(device=device, host=num_instructions * narrow)
