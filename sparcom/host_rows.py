@@ -64,10 +64,6 @@ class HostRows:
         self._lanes.clear()  # frees the staging buffers
         return self.rows
 
-    def device_bytes(self) -> int:
-        """Bytes of staging buffers on devices (none off CUDA)."""
-        return sum(t.nbytes for lane in self._lanes.values() for pair in lane.staging.values() for t in pair)
-
 
 class _CopyLane:
     """One CUDA device's side stream, two staging buffers per site, and an event per buffer."""

@@ -37,10 +37,11 @@ def _reachable(root) -> dict[int, int]:
 
 
 def recorders_in(model: nn.Module) -> Iterator[Recorder]:
-    """The recorders whose hooks are attached to ``model``'s modules."""
+    """The recorders whose hooks (or experts forwards) are attached to ``model``'s modules."""
     for module in model.modules():
-        for hook in module._forward_pre_hooks.values():
-            for cell in hook.__closure__ or ():
+        replaced = [vars(module)[name] for name in ("forward", "_old_forward") if name in vars(module)]
+        for function in [*module._forward_pre_hooks.values(), *replaced]:
+            for cell in getattr(function, "__closure__", None) or ():
                 if isinstance(cell.cell_contents, Recorder):
                     yield cell.cell_contents
 

@@ -104,6 +104,8 @@ def side_by_side(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str
         for name in order if round_ % 2 == 0 else order[::-1]:
             started, started_cpu = time.perf_counter(), time.process_time()
             runs[name]()
+            if torch.cuda.is_available():  # a bare forward returns before the GPU has finished
+                torch.cuda.synchronize()
             wall[name].append(time.perf_counter() - started)
             cpu[name].append(time.process_time() - started_cpu)
     return {
@@ -128,6 +130,8 @@ def peak_memory_mb(name: str, method: str, per_category: int) -> float:
             method,
             "--per-category",
             str(per_category),
+            "--threads",
+            str(torch.get_num_threads()),
         ],
         capture_output=True,
         text=True,

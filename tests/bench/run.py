@@ -32,8 +32,16 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the scale section")
     parser.add_argument("--scale-models", nargs="+", choices=list(scale.SHAPES), default=None)
     parser.add_argument("--scale-per-category", type=int, default=2, help="prompts per category (scale)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads (default: torch's; 1 is steadier on a shared machine)",
+    )
     parser.add_argument("--peak-memory", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.peak_memory:
         recording.peak_memory_child(*args.peak_memory, args.per_category)
         return 0

@@ -167,7 +167,7 @@ def one_model(name, model_type, config, layers, device, dtype, records, rounds, 
     speed = {m: tokens / s["wall_s"] for m, s in medians.items()}
     reduced = [site for site, _ in find_sites(model)]
     rows = min(BATCH, len(records))  # the largest batch
-    expected = count_memory(reduced, rows, CATEGORIES, len(records), staging=staging).device
+    expected = count_memory(reduced, rows, CATEGORIES, len(records)).device  # staging is not the recorder's
     held, _ = count_bytes_at_fullest(model, partial(sparcom_record, model, tokenizer, records))
     parameters = sum(p.numel() for p in model.parameters())
     print(
