@@ -128,7 +128,10 @@ class Recorder:
         checksum = self.checksums.get(name)
         if checksum is None:
             checksum = self.checksums[name] = torch.zeros((), dtype=torch.float64, device=gate.device)
-        checksum.add_(gate.sum(dtype=torch.float32))
+        # Summed in the gate's own dtype (a float32 sum of bfloat16 costs several times more on CPU):
+        # NaN and inf survive any sum, and finite activations cannot add up past bfloat16's range,
+        # though they can past float16's.
+        checksum.add_(gate.sum(dtype=torch.float32 if gate.dtype == torch.float16 else None))
 
     def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
         """A reusable buffer for a hook's large temporaries: sized by the largest batch so far, and
