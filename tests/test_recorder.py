@@ -1,4 +1,5 @@
-"""The recorder's counts against an independent recomputation, on every tiny architecture."""
+"""The recorder: counts against an independent recomputation on every tiny architecture, the
+forward it runs while recording, and the memory its counts take on the device and the host."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import torch
 from bench.held import count_bytes_at_fullest
 
 import sparcom
+from sparcom.host_rows import count_dtype
 from sparcom.models import TINY_PRESETS, load_model
-from sparcom.recorder import Recorder, count_memory
+from sparcom.recorder import Recorder, count_memory, exact_float
 from sparcom.sites import ARCHITECTURES, UnsupportedModelError, find_sites
 
 import conftest
@@ -183,3 +185,13 @@ def test_recording_runs_the_models_own_computation(preset, small_records):
     assert torch.equal(outputs["recording, eager configured"], outputs["grouped_mm"])
     torch.testing.assert_close(outputs["eager"], outputs["grouped_mm"], rtol=1e-5, atol=1e-5)
     assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_counts_take_the_narrowest_exact_dtype():
+    """Per-instruction counts never exceed the instruction's counted tokens, category totals its
+    category's: the dtypes follow those bounds, with no room for a count to wrap or round."""
+    assert count_dtype(32_767) == torch.int16 and count_dtype(32_768) == torch.int32
+    assert count_dtype(2**31) == torch.int64
+    assert count_dtype(5, smallest=torch.int32) == torch.int32
+    assert exact_float(2**24 - 1) == torch.float32 and exact_float(2**24) == torch.float64
+    assert torch.tensor(2**24 - 1, dtype=torch.float32) + 1 == 2**24  # still exact at the bound
