@@ -203,7 +203,9 @@ class Recorder:
         fired = torch.gt(gate, 0, out=self._scratch("fired", gate.shape, torch.float32, gate.device))
         neurons = torch.zeros((grid, gate.shape[1]), dtype=torch.float32, device=gate.device)
         neurons.index_add_(0, cell, fired)
-        selected = torch.bincount(cell, minlength=grid).to(torch.float32)
+        # (bincount would read its input's maximum back to the host on CUDA)
+        selected = torch.zeros(grid, dtype=torch.float32, device=gate.device)
+        selected.index_add_(0, cell, torch.ones(cell.shape, dtype=torch.float32, device=gate.device))
         self._keep(names["experts"], neurons.view(rows + 1, num_experts, -1)[:rows])
         self._keep(names["router"], selected.view(rows + 1, num_experts)[:rows])
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from functools import partial
+from pathlib import Path
 
 import torch
 from held import count_bytes_at_fullest
 from precision import decision_flips
 from recording import BATCH, bare_forward, probe_records, side_by_side, sparcom_record
 
+import sparcom
 from sparcom.conversation import encode
 from sparcom.models import tiny_tokenizer
 from sparcom.recorder import count_memory
@@ -209,10 +212,11 @@ def one_model(name, model_type, config, layers, device, dtype, records, rounds, 
 
 
 def gpu_figures(model, tokenizer, records, dtype) -> dict:
-    """Device memory a recording takes beyond the model's, and bfloat16 vs float32 decision flips.
-    Written device-agnostic (memory is only measured on CUDA), so a test runs it on CPU."""
-    cuda = next(model.parameters()).device.type == "cuda"
-    if cuda:
+    """Device memory a recording takes beyond the model's, synchronisations CUDA itself sees in the
+    recording loop, and bfloat16 vs float32 decision flips. Written device-agnostic (memory and
+    synchronisations are only measured on CUDA), so a test runs it on CPU."""
+    result = {}
+    if next(model.parameters()).device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
@@ -221,10 +225,16 @@ def gpu_figures(model, tokenizer, records, dtype) -> dict:
         torch.cuda.reset_peak_memory_stats()
         sparcom_record(model, tokenizer, records)
         record_peak = torch.cuda.max_memory_allocated() - before
+        syncs = cuda_syncs_in_loop(model, tokenizer, records)
         print(
             f"  device memory above the weights: bare forward {bare_peak / 2**20:.0f} MiB, "
             f"recording {record_peak / 2**20:.0f} MiB"
         )
+        print(
+            f"  synchronisations CUDA reports in the recording loop: {syncs['sparcom']} from sparcom, "
+            f"{syncs['model']} from the model's own forward"
+        )
+        result |= {"device_peak_bytes": {"bare": bare_peak, "record": record_peak}, "cuda_syncs": syncs}
     reference = copy.deepcopy(model).to(torch.float32)
     lower = model if dtype != torch.float32 else copy.deepcopy(model).to(torch.bfloat16)
     flips = decision_flips(reference, lower, tokenizer, records)
@@ -233,7 +243,29 @@ def gpu_figures(model, tokenizer, records, dtype) -> dict:
         f"{kind} {f['fraction']:.2e} ({f['differing']} of {f['total']})" for kind, f in flips.items()
     )
     print(f"  firing decisions that differ, bfloat16 vs float32: {shown}")
-    result = {"decision_flips": flips}
-    if cuda:
-        result |= {"device_peak_bytes": {"bare": bare_peak, "record": record_peak}}
-    return result
+    return result | {"decision_flips": flips}
+
+
+def cuda_syncs_in_loop(model, tokenizer, records) -> dict[str, int]:
+    """Synchronising CUDA calls during ``sparcom.probe.run_batches`` (CUDA's sync debug mode warns
+    on each, naming the Python line that made it), split into sparcom's and the model's."""
+    loop = sparcom.probe.run_batches
+    ours = str(Path(sparcom.__file__).parent)
+
+    def debugged(*args, **kwargs):
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            return loop(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sparcom.probe.run_batches = debugged
+        try:
+            sparcom_record(model, tokenizer, records)
+        finally:
+            sparcom.probe.run_batches = loop
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    mine = sum(1 for w in syncs if w.filename.startswith(ours))
+    return {"sparcom": mine, "model": len(syncs) - mine}
