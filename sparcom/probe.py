@@ -110,35 +110,12 @@ def record(
             f"sparcom probe failed on rank {rank} of {world}: {type(err).__name__}: {err}"
         ) from err
 
-    totals = {
-        name: recorder.totals.get(
-            name, torch.zeros((len(categories), *site.shape), dtype=recorder.total_dtype)
-        )
-        for name, site in sites.items()
-    }
-    checksums = recorder.checksums
-    if world > 1:
-        for tensor in [*totals.values(), *checksums.values()]:
-            _all_reduce(tensor)
-    for site, checksum in checksums.items():
-        if not torch.isfinite(checksum):
-            warnings.warn(
-                f"non-finite (NaN/inf) gate activations at {site}: NaN never counts as firing, +inf does; "
-                "check the model's weights and dtype",
-                stacklevel=2,
-            )
-    instruction_counts = None
-    if host is not None:
-        rows = host.wait()
-        if world > 1:
-            _share_rows(rows, batches)
-        position = torch.empty(len(records), dtype=torch.long)  # each instruction's recording position
-        position[[i for batch in batches for i in batch]] = torch.arange(len(records))
-        instruction_counts = {site: rows.pop(site).index_select(0, position) for site in list(rows)}
+    totals = _category_totals(recorder, len(categories), world)
+    instruction_counts = None if host is None else _instruction_counts(host, batches, world)
     return Snapshot(
         categories=categories,
         category_tokens=category_tokens,
-        category_counts={site: counts.to("cpu", torch.int64) for site, counts in totals.items()},
+        category_counts=totals,
         site_kinds={name: site.kind for name, site in sites.items()},
         site_layers={name: site.layer for name, site in sites.items()},
         instruction_ids=[r["id"] for r in records] if per_instruction else [],
@@ -203,6 +180,38 @@ def _starts(batches: list[list[int]]) -> list[int]:
     for batch in batches:
         starts.append(starts[-1] + len(batch))
     return starts
+
+
+def _category_totals(recorder: Recorder, num_categories: int, world: int) -> dict[str, torch.Tensor]:
+    """Site -> ``[C, *shape]`` int64 counts on the CPU, summed over ranks; warns, naming the site,
+    where a gate was NaN or infinite."""
+    totals = {
+        site.name: recorder.totals.get(site.name, torch.zeros((num_categories, *site.shape)))
+        for site, _ in recorder.sites
+    }
+    if world > 1:
+        for tensor in [*totals.values(), *recorder.checksums.values()]:
+            _all_reduce(tensor)
+    for site, checksum in recorder.checksums.items():
+        if not torch.isfinite(checksum):
+            warnings.warn(
+                f"non-finite (NaN/inf) gate activations at {site}: NaN never counts as firing, +inf does; "
+                "check the model's weights and dtype",
+                stacklevel=3,
+            )
+    return {site: counts.to("cpu", torch.int64) for site, counts in totals.items()}
+
+
+def _instruction_counts(host: HostRows, batches: list[list[int]], world: int) -> dict[str, torch.Tensor]:
+    """Site -> ``[N, *shape]`` per-instruction counts in instruction order (every rank's rows)."""
+    rows = host.wait()
+    if world > 1:
+        _share_rows(rows, batches)
+    count = sum(len(batch) for batch in batches)
+    position = torch.empty(count, dtype=torch.long)  # each instruction's row in recording order
+    position[[i for batch in batches for i in batch]] = torch.arange(count)
+    # One site at a time, so the reordering needs one site's rows more, not a second copy of all.
+    return {site: rows.pop(site).index_select(0, position) for site in list(rows)}
 
 
 def _input_device(model: nn.Module) -> torch.device:
