@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench lint browser clean
+.PHONY: demo test bench lint browser sft-fields clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,5 +32,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) tests/bench/run.py
 
+# After upgrading TRL: rewrite sparcom/sft_fields.json, the SFTConfig fields trainer.args accepts.
+sft-fields: $(STAMP)
+	$(PY) -m sparcom.sft_fields
+
 clean:
-	rm -rf $(VENV) outputs multirun wandb
+	rm -rf $(VENV) outputs multirun analysis wandb

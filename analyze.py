@@ -1,33 +1,29 @@
-"""Turn snapshots into the paper's tables and figures, a causal check, and one HTML report.
+"""Turn snapshots into the paper's tables and figures, statistics, a causal check, and HTML reports.
 
 python analyze.py run=outputs/<run>                       # a train.py run: base = step 0, tuned = last
 python analyze.py base=tiny-olmoe tuned=path/to/finetuned # record both (or give .safetensors snapshots)
 python analyze.py mode=ablate run=outputs/<run>           # zero each category's ISNs, measure losses
 python analyze.py experiment=paper                        # the paper's real-model comparisons (GPU)
+
+Each mode writes its own folder (compare/, ablate/, ...) under the analysis folder, and an
+index.html there links every report. In Python: ``analyze(cfg, out)`` with ``cfg`` a
+``sparcom.config.AnalyzeConfig``.
 """
 
 from __future__ import annotations
 
-import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import yaml
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from sparcom.config_check import check_analyze, exit_on_bad_input
+from sparcom import cli
+from sparcom.config import AnalyzeConfig, PairConfig, to_object
+from sparcom.config_check import check
 
 ROOT = Path(__file__).resolve().parent
-
-
-def analysis_dir(run: str | None, out: str | None, stamp: str) -> str:
-    """Where results go: ``out``, else ``<run>/analysis``, else ``analysis/<launch time>``."""
-    if out not in (None, "None", "null"):
-        return str(out)
-    if run not in (None, "None", "null"):
-        return str(Path(run) / "analysis")
-    return f"analysis/{stamp}"
 
 
 def model_spec(spec: str) -> dict:
@@ -38,69 +34,157 @@ def model_spec(spec: str) -> dict:
     return {"name_or_path": spec, "dtype": None, "chat_template_from": None}
 
 
-def snapshot_of(spec: str, cfg: DictConfig, records: list[dict]):
-    """A snapshot from a file, or recorded now from a model; returns (snapshot, model spec or None)."""
-    from sparcom.probe import record
-    from sparcom.report_builder import load_for_analysis
-    from sparcom.snapshot import Snapshot
-    from sparcom.training import probe_set
+@dataclass
+class Inputs:
+    """What one comparison (or ablation) works on, however the user named it."""
 
-    if str(spec).endswith(".safetensors"):
-        return Snapshot.load(spec), None
-    loaded = model_spec(spec)
-    model, tokenizer = load_for_analysis(loaded, cfg.dtype)
-    probe = probe_set(records, cfg.probe.per_category, cfg.probe.seed)
-    snapshot = record(model, tokenizer, probe, token_scope=cfg.token_scope, batch_size=cfg.probe.batch_size,
-                      per_instruction=cfg.probe.per_instruction)  # fmt: skip
-    del model
-    return snapshot, loaded
+    name: str  # subfolder for one of several pairs, "" otherwise
+    labels: tuple[str, str]
+    base: object  # a Snapshot, or a model spec to record
+    tuned: object
+    model: dict | None  # the model to ablate: the tuned side's (None: only snapshots were given)
+    run: object = None  # the RunFolder, for a run
+
+
+def inputs_of(cfg: AnalyzeConfig) -> list[Inputs]:
+    """The comparisons to make: a run's first and last snapshots, or each pair of specs."""
+    from sparcom.snapshot import Snapshot
+    from sparcom.workflows import read_run
+
+    if cfg.run:
+        run = read_run(cfg.run)
+        base, tuned = (Snapshot.load(run.series[step]) for step in (min(run.series), max(run.series)))
+        return [Inputs("", (run.name, run.name), base, tuned, run.final_model, run)]
+
+    def side(spec: str):
+        return Snapshot.load(spec) if spec.endswith(".safetensors") else model_spec(spec)
+
+    found = []
+    for pair in cfg.pairs or [PairConfig(name="", base=cfg.base, tuned=cfg.tuned)]:
+        base = side(pair.base)
+        tuned = side(pair.tuned) if pair.tuned else base  # ablation needs one model only
+        model = tuned if isinstance(tuned, dict) else None
+        found.append(Inputs(pair.name, (pair.base, pair.tuned or pair.base), base, tuned, model))
+    return found
+
+
+def analyze(cfg: AnalyzeConfig, out: Path) -> list[Path]:
+    """Write the reports of ``cfg.mode`` under ``out`` (one subfolder per mode, an index page
+    linking them); returns the report pages written."""
+    check(cfg)  # what to_object checked, for a config built in Python
+    from sparcom.data import load_records
+    from sparcom.report import write_index
+
+    records = load_records(cfg.data.path)
+    work = {"compare": compare, "ablate": ablate, "steer": steer}[str(cfg.mode)]
+    reports = [work(cfg, out / item.name / str(cfg.mode), item, records) for item in inputs_of(cfg)]
+    write_index(out)
+    return reports
+
+
+def recorded(cfg: AnalyzeConfig, side, records):
+    """A snapshot as given, or recorded now from a model spec on the configured probe set."""
+    from sparcom.snapshot import Snapshot
+    from sparcom.workflows import record_model
+
+    if isinstance(side, Snapshot):
+        return side
+    probe = cfg.sparcom.probe
+    return record_model(
+        side,
+        records,
+        per_category=probe.per_category,
+        seed=probe.seed,
+        batch_size=probe.batch_size,
+        token_scope=cfg.sparcom.token_scope,
+        per_instruction=probe.per_instruction,
+        dtype=cfg.dtype,
+    )
+
+
+def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
+    from sparcom.comparison import Statistics
+    from sparcom.workflows import tokenizer_for, write_comparison
+
+    base, tuned = recorded(cfg, item.base, records), recorded(cfg, item.tuned, records)
+    spec = item.run.model if item.run else item.model or (item.base if isinstance(item.base, dict) else None)
+    try:
+        tokenizer, missing = tokenizer_for(spec, base), None
+    except (OSError, ValueError) as err:  # a hub tokenizer offline: the report says so
+        tokenizer, missing = (
+            None,
+            f"no tokenizer for {spec['name_or_path'] if spec else base.meta.get('model')} ({err})",
+        )
+    s, st = cfg.sparcom, cfg.stats
+    statistics = Statistics(st.resamples, st.permutations, st.splits, st.seed) if st.enabled else None
+    return write_comparison(
+        out,
+        base,
+        tuned,
+        item.labels,
+        records=records,
+        tokenizer=tokenizer,
+        tokenizer_missing=missing,
+        epsilons=s.epsilons,
+        selection_mode=s.selection_mode,
+        overlap_epsilon=s.overlap_epsilon,
+        sweep_epsilons=cfg.sweep_epsilons,
+        statistics=statistics,
+        drift=item.run.drift() if item.run else None,
+        run_settings=item.run.settings if item.run else None,
+    )
+
+
+def ablate(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
+    from sparcom.workflows import write_ablation
+
+    snapshot = recorded(cfg, item.tuned, records)
+    a = cfg.ablate
+    return write_ablation(
+        out,
+        item.model,
+        snapshot,
+        records,
+        epsilon=a.epsilon,
+        selection_mode=cfg.sparcom.selection_mode,
+        per_category=a.per_category,
+        seed=a.seed,
+        batch_size=a.batch_size,
+        control_draws=cfg.stats.control_draws,
+        dtype=cfg.dtype,
+    )
+
+
+def steer(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
+    from sparcom.workflows import write_steering
+
+    snapshot = recorded(cfg, item.tuned, records)
+    st = cfg.steer
+    return write_steering(
+        out,
+        item.model,
+        snapshot,
+        records,
+        scales=st.scales,
+        epsilon=st.epsilon,
+        selection_mode=cfg.sparcom.selection_mode,
+        per_category=st.per_category,
+        seed=st.seed,
+        batch_size=st.batch_size,
+        control_draws=cfg.stats.control_draws,
+        dtype=cfg.dtype,
+    )
 
 
 @hydra.main(config_path="conf", config_name="analyze", version_base="1.3")
-@exit_on_bad_input
+@cli.exits_on_bad_input
 def main(cfg: DictConfig) -> None:
-    from sparcom.data import load_records
-    from sparcom.report_builder import ablation_report, comparison_report, run_inputs
-
-    check_analyze(cfg)
-    out = Path(HydraConfig.get().runtime.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    records = load_records(cfg.data.path)
-    if cfg.run:
-        inputs = run_inputs(Path(cfg.run))
-        if cfg.mode == "ablate":
-            ablation_report(cfg, out, records, inputs["tuned"], inputs["tuned_model"])
-        else:
-            comparison_report(
-                cfg, out, records, inputs["base"], inputs["tuned"], inputs["tokenizer"], inputs["series"]
-            )
-        return
-    pairs = (
-        OmegaConf.to_container(cfg.pairs)
-        if cfg.pairs
-        else [{"name": "", "base": cfg.base, "tuned": cfg.tuned}]
-    )
-    for pair in pairs:
-        if not pair["base"] or (cfg.mode == "compare" and not pair["tuned"]):
-            raise ValueError(
-                "give run=<run folder>, or base=<...> and tuned=<...> (snapshots, presets, paths or hub ids)"
-            )
-        target = out / pair["name"] if pair["name"] else out
-        target.mkdir(parents=True, exist_ok=True)
-        if cfg.mode == "ablate":
-            spec = pair["tuned"] or pair["base"]
-            snapshot, loaded = snapshot_of(spec, cfg, records)
-            ablation_report(cfg, target, records, snapshot, loaded)
-            continue
-        base, base_model = snapshot_of(pair["base"], cfg, records)
-        tuned, tuned_model = snapshot_of(pair["tuned"], cfg, records)
-        tokenizer_spec = tuned_model or base_model
-        comparison_report(cfg, target, records, base, tuned, tokenizer_spec, None)
-    print(json.dumps({"report": str(out / "report.html") if len(pairs) == 1 else str(out)}))
+    out = cli.run_dir()
+    for report in analyze(to_object(cfg), out):
+        print(f"report: {report}")
+    print(f"index: {out / 'index.html'}")
 
 
 if __name__ == "__main__":
-    from omegaconf import OmegaConf as _OmegaConf
-
-    _OmegaConf.register_new_resolver("analysis_dir", analysis_dir, replace=True)
+    cli.prepare("analyze")  # the config is checked before Hydra creates the output folder
     main()

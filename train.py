@@ -4,130 +4,165 @@ python train.py                                    # tiny MoE, offline, CPU
 python train.py model=olmoe-1b-7b trainer=lora logger=online
 python train.py -m trainer.args.learning_rate=1e-5,3e-5        # a sweep, grouped in W&B
 torchrun --nproc_per_node 2 train.py deepspeed=zero3           # several processes
+
+In Python: ``train(cfg, run_dir)`` with ``cfg`` a ``sparcom.config.TrainConfig``.
 """
 
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import hydra
-from hydra.core.config_store import ConfigStore
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from sparcom.config_check import ConfigError, exit_on_bad_input
-from sparcom.training import sft_defaults
+from sparcom import cli
+from sparcom.config import TrainConfig, to_object
+from sparcom.config_check import check, check_probe_fits, check_run_dir
+from sparcom.data import load_records
+from sparcom.training import (
+    Launch,
+    finish_wandb,
+    latest_checkpoint,
+    log_settings,
+    probe_set,
+    resumable,
+    sft_dataset,
+    start_wandb,
+)
 
 
-def run_stamp() -> str:
-    """One folder name per launch, the same on every rank of a job.
+def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path:
+    """Fine-tune ``cfg.model`` with TRL SFT, recording snapshots into ``run_dir/snapshots`` and
+    logging drift beside the loss in W&B; returns ``run_dir``. Every rank of a job calls it."""
+    check(cfg)  # what to_object checked, for a config built in Python
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
+        check_run_dir(run_dir, cfg.resume)
+    records = load_records(cfg.data.path, tuple(cfg.data.categories))
+    check_probe_fits(records, cfg.sparcom.probe.per_category)
 
-    Ranks started by torchrun (or accelerate launch) share one parent, the elastic agent, so its
-    start time names the run; a single process uses its own start time.
-    """
-    if "SPARCOM_RUN_STAMP" in os.environ:
-        return os.environ["SPARCOM_RUN_STAMP"]
-    started = time.time()
-    if "LOCAL_RANK" in os.environ:
-        with open(f"/proc/{os.getppid()}/stat") as stat:
-            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as boot:
-            booted = next(int(line.split()[1]) for line in boot if line.startswith("btime"))
-        started = booted + ticks / os.sysconf("SC_CLK_TCK")
-    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started))
-
-
-@hydra.main(config_path="conf", config_name="train", version_base="1.3")
-@exit_on_bad_input
-def main(cfg: DictConfig) -> None:
-    import torch
+    import torch  # only now: every input is checked, and these imports take seconds
     from trl import SFTConfig, SFTTrainer
 
     from callbacks import ResilientWandbCallback, SparcomCallback
-    from sparcom.config_check import check_probe_fits, check_train
-    from sparcom.data import load_records
     from sparcom.models import load_model
-    from sparcom.training import configure_wandb, finish_wandb, latest_checkpoint, probe_set, sft_dataset
 
-    check_train(cfg)  # every config mistake surfaces here, before data or a model loads
-    records = load_records(cfg.data.path, tuple(cfg.data.categories))
-    check_probe_fits(records, cfg.sparcom.probe.per_category)
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    group = cfg.logger.group or (Path(hydra_cfg.sweep.dir).name if sweep else None)
-    mode = configure_wandb(
-        cfg.logger.mode, cfg.logger.project, run_dir, group, cfg.logger.name, cfg.logger.entity
-    )
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    wandb_running = rank == 0 and start_wandb(cfg, run_dir, launch)
 
     probe = probe_set(records, cfg.sparcom.probe.per_category, cfg.sparcom.probe.seed)
     model, tokenizer = load_model(
         cfg.model.name_or_path, cfg.model.dtype, cfg.model.chat_template_from, seed=cfg.seed
     )
-    sft_args = OmegaConf.to_container(cfg.trainer.args, resolve=True)
+    # Only what differs from TRL's defaults, so that SFTConfig derives the rest itself and
+    # deprecated fields left alone raise no warnings.
+    defaults = vars(type(cfg.trainer.args)())
+    sft_args = {k: v for k, v in vars(cfg.trainer.args).items() if v != defaults[k]}
     if not torch.cuda.is_available():
         # Accelerate sizes a CPU job (gloo, one entry per rank) only when told it is on CPU.
         sft_args["use_cpu"] = True
-    if sft_args["bf16"] is None:  # TRL's default turns bf16 on, which CPUs refuse
+    if sft_args.get("bf16") is None:  # TRL's default turns bf16 on, which CPUs refuse
         sft_args["bf16"] = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     args = SFTConfig(
         **sft_args,
         output_dir=str(run_dir),
-        report_to=[],  # W&B goes through ResilientWandbCallback below, so a W&B failure cannot stop training
-        deepspeed=OmegaConf.to_container(cfg.deepspeed.config, resolve=True)
-        if cfg.deepspeed.config
-        else None,
+        report_to=[],  # W&B goes through ResilientWandbCallback, so a W&B failure cannot stop training
+        deepspeed=cfg.deepspeed.config,
         seed=cfg.seed,
         run_name=cfg.logger.name or run_dir.name,
     )
+    base = None
+    if cfg.trainer.isn is not None:  # train the base model's ISNs only
+        base = isn_setup(cfg, model, tokenizer, probe, run_dir, rank)
     peft_config = None
-    if cfg.trainer.peft:
+    if cfg.trainer.peft is not None:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(
-            task_type="CAUSAL_LM", **OmegaConf.to_container(cfg.trainer.peft, resolve=True)
-        )
-    trainer = SFTTrainer(
+        peft_config = LoraConfig(task_type="CAUSAL_LM", **vars(cfg.trainer.peft))
+    sparcom = cfg.sparcom
+    # resumable: resuming loads every weight of the checkpoint, MoE experts included
+    trainer = resumable(SFTTrainer)(
         model=model,
         args=args,
         train_dataset=sft_dataset(records, tokenizer, cfg.data.max_length),
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[
-            *([] if mode == "disabled" else [ResilientWandbCallback()]),
+            *([ResilientWandbCallback()] if wandb_running else []),
             SparcomCallback(
                 tokenizer,
                 probe,
-                epsilons=list(cfg.sparcom.epsilons),
-                selection_mode=cfg.sparcom.selection_mode,
-                token_scope=cfg.sparcom.token_scope,
-                batch_size=cfg.sparcom.probe.batch_size,
-                per_instruction=cfg.sparcom.per_instruction,
+                epsilons=sparcom.epsilons,
+                selection_mode=sparcom.selection_mode,
+                token_scope=sparcom.token_scope,
+                batch_size=sparcom.probe.batch_size,
+                per_instruction=sparcom.probe.per_instruction,
                 snapshot_dir=run_dir / "snapshots",
-                on_save=cfg.sparcom.record.on_save,
-                every_steps=cfg.sparcom.record.every_steps,
+                on_save=sparcom.record.on_save,
+                every_steps=sparcom.record.every_steps,
+                overlap_epsilon=sparcom.overlap_epsilon,
+                base=base,
+                stability_splits=cfg.stats.splits if cfg.stats.enabled else None,
+                seed=cfg.stats.seed,
             ),
         ],
     )
-    resume = cfg.resume
-    if resume is True:  # the newest checkpoint that was written to the end
-        resume = latest_checkpoint(run_dir)
-        if resume is None:
-            raise ConfigError(f"resume: true, but {run_dir} holds no complete checkpoint-* folder")
+    resume = latest_checkpoint(run_dir) if cfg.resume is True else cfg.resume or None
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finish_wandb()  # the next job of a sweep runs in this process and must start its own W&B run
+    return run_dir
+
+
+def isn_setup(cfg: TrainConfig, model, tokenizer, probe, run_dir: Path, rank: int):
+    """Parametrize ``model`` to train only the ISNs its recording of the probe set selects (on
+    resume: the mask the run saved); returns that recording, the run's step-0 snapshot (None on resume)."""
+    from sparcom.isn_training import MASK_FILE, isn_only
+    from sparcom.probe import record
+
+    s, isn = cfg.sparcom, cfg.trainer.isn
+    snapshot = None
+    if cfg.resume:  # the mask the run chose at its start (every rank takes the same branch)
+        selection = run_dir / MASK_FILE
+    else:
+        snapshot = record(
+            model,
+            tokenizer,
+            probe,
+            token_scope=s.token_scope,
+            batch_size=s.probe.batch_size,
+            per_instruction=s.probe.per_instruction,
+            progress=rank == 0,
+            step=0,
+        )
+        selection = snapshot
+    setup = isn_only(
+        model, selection, run_dir if rank == 0 else None, isn.epsilon, isn.categories, isn.selection_mode
+    )
     if rank == 0:
+        print(setup)
+        log_settings(
+            {
+                "isn": {
+                    "neurons": setup.neurons,
+                    "trainable_parameters": setup.trainable,
+                    "total_parameters": setup.total,
+                }
+            }
+        )
+    return snapshot
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+@cli.exits_on_bad_input
+def main(cfg: DictConfig) -> None:
+    run_dir = train(to_object(cfg), cli.run_dir(), cli.launch())
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"run folder: {run_dir}  (config.yaml, checkpoint-*/, snapshots/, wandb/)")
 
 
 if __name__ == "__main__":
-    os.environ["SPARCOM_RUN_STAMP"] = run_stamp()
-    ConfigStore.instance().store(name="sft_args", node=sft_defaults())
+    cli.prepare("train")  # every job's config is checked before Hydra creates a run folder
     main()

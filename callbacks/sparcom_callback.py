@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -10,10 +9,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sparcom.analysis import layer_profiles
-from sparcom.drift import drift_metrics
-from sparcom.metrics import overlap_matrix
+from sparcom.analysis import layer_profiles, overlap_matrix
+from sparcom.drift import TABLE_COLUMNS, DriftPoint, append_drift, drift_point, read_drift, write_drift
 from sparcom.probe import record
+from sparcom.resampling import sampling_stability
 from sparcom.select import SELECTION_MODES, check_epsilon
 from sparcom.snapshot import SNAPSHOT_NAME, Snapshot, snapshot_series
 
@@ -23,8 +22,11 @@ class SparcomCallback(TrainerCallback):
 
     Each snapshot is saved atomically in ``snapshot_dir`` (default ``<output_dir>/snapshots``).
     Drift against the base snapshot and the previous one (ISN Jaccard per category for every
-    epsilon; ISE Pearson for MoE models) goes to W&B under ``sparcom/...`` keys on the trainer's
-    global step, so it lines up with ``train/loss``, and to ``drift.jsonl`` beside the snapshots.
+    epsilon, with its chance level; ISE Pearson for MoE models; at step 0 the split-half stability
+    of the probe's ISN sets, ``stability_splits`` splits) is written to ``drift.jsonl``
+    beside the snapshots and, when a W&B run is active, logged under ``sparcom/...`` keys on the
+    trainer's global step, so it lines up with ``train/loss``. The overlap matrix and layer
+    profile at ``overlap_epsilon`` are drawn to ``snapshot_dir/figures`` (and logged to W&B).
 
     Every rank runs the probe (ZeRO-3 needs all ranks in every forward); counts are summed across
     ranks and only the main process writes and logs. A resumed run reloads its base snapshot
@@ -45,9 +47,13 @@ class SparcomCallback(TrainerCallback):
         snapshot_dir: str | Path | None = None,
         on_save: bool = True,
         every_steps: int | None = None,
-        log_figures: bool = True,
+        overlap_epsilon: float = 0.5,
+        draw_figures: bool = True,
+        base: Snapshot | None = None,
+        stability_splits: int | None = 20,
+        seed: int = 0,
     ):
-        for epsilon in epsilons:
+        for epsilon in [*epsilons, overlap_epsilon]:
             check_epsilon(epsilon)
         if selection_mode not in SELECTION_MODES:
             raise ValueError(
@@ -65,12 +71,14 @@ class SparcomCallback(TrainerCallback):
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.record_on_save = on_save
         self.every_steps = every_steps
-        self.log_figures = log_figures
+        self.overlap_epsilon = overlap_epsilon
+        self.draw_figures = draw_figures
         self.base: Snapshot | None = None
+        self._recorded_base = base  # a step-0 recording made already (to select ISNs): not redone
+        self.stability_splits, self.seed = stability_splits, seed
         self.previous: Snapshot | None = None
         self.last_step: int | None = None
-        self.table_rows: list[list] = []
-        self._row_steps: set[int] = set()  # steps that have their row in drift.jsonl
+        self.points: dict[int, DriftPoint] = {}  # what drift.jsonl holds, by step
         # Figures (overlap matrix, layer profile) are drawn off the training thread.
         self._figure_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparcom-figures")
         self._pending: list[Future] = []
@@ -96,25 +104,14 @@ class SparcomCallback(TrainerCallback):
         """A killed run can end between a snapshot's rename and its drift.jsonl row, or halfway
         through a row. Keep the whole rows, and recompute the missing ones from the snapshots."""
         path = self.snapshot_dir / "drift.jsonl"
-        rows = []
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a torn last line
-        present = {row["step"] for row in rows}
+        self.points = {point.step: point for point in read_drift(path)}
         previous = None
         for step in steps:
             snapshot = Snapshot.load(series[step])
-            if step not in present:
-                rows.append({"step": step, **self._drift(snapshot, previous)})
+            if step not in self.points:
+                self.points[step] = self._drift(step, snapshot, previous)
             previous = snapshot
-        rows.sort(key=lambda row: row["step"])
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-        temporary.replace(path)
-        self._row_steps = {row["step"] for row in rows}
+        write_drift(path, [self.points[step] for step in sorted(self.points)])
 
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.record_on_save:
@@ -140,16 +137,19 @@ class SparcomCallback(TrainerCallback):
         step = state.global_step
         if step == self.last_step:
             return
-        snapshot = record(
-            model,
-            self.tokenizer,
-            self.records,
-            token_scope=self.token_scope,
-            batch_size=self.batch_size,
-            per_instruction=self.per_instruction,
-            progress=False,
-            step=step,
-        )
+        if step == 0 and self._recorded_base is not None:
+            snapshot = self._recorded_base
+        else:
+            snapshot = record(
+                model,
+                self.tokenizer,
+                self.records,
+                token_scope=self.token_scope,
+                batch_size=self.batch_size,
+                per_instruction=self.per_instruction,
+                progress=False,
+                step=step,
+            )
         self.last_step = step
         if state.is_world_process_zero:
             path = self.snapshot_dir / SNAPSHOT_NAME.format(step=step)
@@ -164,74 +164,66 @@ class SparcomCallback(TrainerCallback):
             self._log(step, snapshot)
         self.previous = snapshot
 
-    def _drift(self, snapshot: Snapshot, previous: Snapshot | None) -> dict[str, float]:
-        metrics = drift_metrics(self.base, snapshot, self.epsilons, self.selection_mode, "base")
-        if previous is not None:
-            metrics |= drift_metrics(previous, snapshot, self.epsilons, self.selection_mode, "prev")
-        return metrics
+    def _drift(self, step: int, snapshot: Snapshot, previous: Snapshot | None) -> DriftPoint:
+        stability = None
+        halves = min(snapshot.meta.get("category_instructions", {}).values(), default=0) >= 2
+        if previous is None and self.stability_splits and snapshot.per_instruction and halves:
+            # The scale on which drift is read, once: how far the ISN sets move between halves of the probe.
+            by_category = sampling_stability(
+                snapshot, self.epsilons, self.selection_mode, self.stability_splits, self.seed
+            )
+            stability = {e: {c: values[e] for c, values in by_category.items()} for e in self.epsilons}
+        return drift_point(step, self.base, snapshot, previous, self.epsilons, self.selection_mode, stability)
 
     def _log(self, step: int, snapshot: Snapshot) -> None:
-        metrics = self._drift(snapshot, self.previous)
-        if step not in self._row_steps:
-            with open(self.snapshot_dir / "drift.jsonl", "a", encoding="utf-8") as handle:
-                handle.write(json.dumps({"step": step, **metrics}) + "\n")
-            self._row_steps.add(step)
-        for category in snapshot.categories:
-            for epsilon in self.epsilons:
-                key = f"eps={epsilon:g}/{category}"
-                self.table_rows.append([step, category, epsilon, metrics[f"sparcom/isn_jaccard/base/{key}"],
-                                        metrics.get(f"sparcom/isn_jaccard/prev/{key}"),
-                                        metrics.get(f"sparcom/ise_pearson/base/{category}")])  # fmt: skip
+        point = self._drift(step, snapshot, self.previous)
+        if step not in self.points:
+            append_drift(self.snapshot_dir / "drift.jsonl", point)
+            self.points[step] = point
+        run = None
         try:
             import wandb
 
-            if wandb.run is None:
-                return
-            payload = {**metrics, "train/global_step": step}
-            payload["sparcom/drift_table"] = wandb.Table(
-                columns=[
-                    "step",
-                    "category",
-                    "epsilon",
-                    "isn_jaccard_base",
-                    "isn_jaccard_prev",
-                    "ise_pearson_base",
-                ],
-                data=self.table_rows,
-            )
-            wandb.run.log(payload)
-            if self.log_figures:
-                self._pending.append(self._figure_worker.submit(self._log_figures, step, snapshot, wandb))
+            run = wandb.run
+            if run is not None:
+                rows = [row for s in sorted(self.points) for row in self.points[s].table_rows()]
+                table = wandb.Table(columns=TABLE_COLUMNS, data=rows)
+                run.log({**point.wandb_metrics(), "sparcom/drift_table": table, "train/global_step": step})
         except Exception as err:  # noqa: BLE001 - a logging outage must never stop training
             warnings.warn(f"W&B logging failed at step {step} ({err}); training continues", stacklevel=2)
+        if self.draw_figures:
+            self._pending.append(self._figure_worker.submit(self._figures, step, snapshot, run))
 
-    def _log_figures(self, step: int, snapshot: Snapshot, wandb) -> None:
+    def _figures(self, step: int, snapshot: Snapshot, run) -> None:
+        """Draw the step's overlap matrix and layer profile to disk, and log them if W&B is on."""
+        from sparcom.figures import layer_profile_plot, overlap_heatmap
+
+        epsilon = self.overlap_epsilon
+        folder = self.snapshot_dir / "figures"
+        folder.mkdir(exist_ok=True)
+        profiles = layer_profiles(snapshot, epsilon, self.selection_mode)
+        paths = {
+            "sparcom/layer_profile": layer_profile_plot(
+                profiles,
+                f"ISNs per layer, step {step} (eps={epsilon:g})",
+                folder / f"layer_profile-{step}.png",
+            )
+        }
+        if snapshot.per_instruction:
+            matrix = overlap_matrix(snapshot, epsilon, self.selection_mode)
+            title = f"ISN overlap, step {step} (eps={epsilon:g})"
+            paths["sparcom/overlap"] = overlap_heatmap(
+                matrix, snapshot.categories, title, folder / f"overlap-{step}.png"
+            )
+        if run is None:
+            return
         try:
-            wandb.run.log({**self._figures(step, snapshot, wandb), "train/global_step": step})
+            import wandb
+
+            run.log(
+                {**{key: wandb.Image(str(path)) for key, path in paths.items()}, "train/global_step": step}
+            )
         except Exception as err:  # noqa: BLE001
             warnings.warn(
                 f"W&B figure logging failed at step {step} ({err}); training continues", stacklevel=2
             )
-
-    def _figures(self, step: int, snapshot: Snapshot, wandb) -> dict:
-        from sparcom.report import layer_profile_plot, overlap_heatmap
-
-        epsilon = self.epsilons[0]
-        figures = self.snapshot_dir / "figures"
-        figures.mkdir(exist_ok=True)
-        profiles = layer_profiles(snapshot, epsilon, self.selection_mode)
-        images = {
-            "sparcom/layer_profile": wandb.Image(
-                str(
-                    layer_profile_plot(
-                        profiles, f"ISNs per layer, step {step}", figures / f"layer_profile-{step}.png"
-                    )
-                )
-            )
-        }
-        if snapshot.instruction_counts is not None:
-            matrix = overlap_matrix(snapshot, epsilon, self.selection_mode)
-            path = overlap_heatmap(matrix, snapshot.categories, f"ISN overlap, step {step}, eps={epsilon:g}",
-                                   figures / f"overlap-{step}.png")  # fmt: skip
-            images["sparcom/overlap"] = wandb.Image(str(path))
-        return images

@@ -1,113 +1,153 @@
-"""Causal check: zero a category's ISNs and measure the response loss on every category,
-against a control that zeroes as many random neurons drawn from the same sites."""
+"""Causal check: silence a category's ISNs and measure the response loss on every category, against
+a null of random neurons drawn from the same sites in the same numbers, many times.
+
+Every cell of the ``[C, C]`` loss-change matrix gets a z-score against its own control draws, and
+"the diagonal dominates" is decided on those z-scores (``dominance``).
+"""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
+from scipy import stats
 from torch import nn
 
-from sparcom.conversation import encode
 from sparcom.data import Record
-from sparcom.models import check_resident
-from sparcom.probe import length_bucketed, pad_batch
-from sparcom.recorder import inference_mode
+from sparcom.intervention import intervene
 from sparcom.select import NeuronSet, category_isn
-from sparcom.sites import unwrap
 from sparcom.snapshot import Snapshot
+from sparcom.steer import ResponseLoss, loss_changes
 
 
-def response_loss(model: nn.Module, tokenizer, records: Sequence[Record], categories: list[str],
-                  batch_size: int = 8, max_length: int | None = None) -> torch.Tensor:  # fmt: skip
+def zeroed(
+    model: nn.Module, neurons: NeuronSet, site_kinds: dict[str, str] | None = None
+) -> contextlib.AbstractContextManager[None]:
+    """Silence neurons for the duration: ``intervene`` at scale 0 (``site_kinds`` is not needed)."""
+    return intervene(model, neurons, 0.0)
+
+
+def response_loss(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[Record],
+    categories: list[str],
+    batch_size: int = 8,
+    max_length: int | None = None,
+) -> torch.Tensor:
     """``[C]`` mean next-token cross-entropy on each category's response tokens."""
-    encoded = [encode(r, tokenizer, max_length) for r in records]
-    category_of = torch.tensor([categories.index(r["category"]) for r in records])
-    total = torch.zeros(len(categories), dtype=torch.float64)
-    tokens = torch.zeros(len(categories), dtype=torch.float64)
-    device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    with inference_mode(model):
-        for batch in length_bucketed([len(e.input_ids) for e in encoded], batch_size):
-            ids, attention, scope = pad_batch([encoded[i] for i in batch], "response", pad_id)
-            logits = model(
-                input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False
-            ).logits
-            log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
-            nll = -log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, L-1]: token t from t-1
-            mask = scope[:, 1:]
-            total.index_add_(0, category_of[batch], (nll * mask).sum(1).double())
-            tokens.index_add_(0, category_of[batch], mask.sum(1).double())
-    return total / tokens.clamp(min=1)
+    return ResponseLoss(tokenizer, records, categories, batch_size, max_length)(model)
 
 
-@contextlib.contextmanager
-def zeroed(model: nn.Module, neurons: NeuronSet, site_kinds: dict[str, str]) -> Iterator[None]:
-    """Silence neurons for the duration: zero their columns of the FFN's down projection (for a
-    routed expert, its own slice), which removes exactly their contribution under every experts
-    implementation. The weights are restored on exit."""
-    check_resident(unwrap(model), "ablation")
-    modules = dict(unwrap(model).named_modules())
-    saved: list[tuple[torch.Tensor, tuple, torch.Tensor]] = []
-    with torch.no_grad():
-        for site, chosen in neurons.items():
-            if not bool(chosen.any()):
-                continue
-            module = modules[site]
-            if site_kinds[site] == "ffn":
-                index = (slice(None), chosen.nonzero().flatten())
-                weight = module.down_proj.weight  # [H, d_ff]
-            else:
-                experts, units = chosen.nonzero(as_tuple=True)
-                weight = module.down_proj  # [E, H, d], or [E, d, H] when transposed
-                transposed = getattr(module, "is_transposed", False)
-                index = (experts, units, slice(None)) if transposed else (experts, slice(None), units)
-            saved.append((weight, index, weight[index].clone()))
-            weight[index] = 0
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for weight, index, original in saved:
-                weight[index] = original
+def ablation_matrices(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[Record],
+    snapshot: Snapshot,
+    epsilon: float,
+    mode: str = "threshold",
+    seed: int = 0,
+    batch_size: int = 8,
+    control_draws: int = 10,
+    alpha: float = 0.05,
+    max_length: int | None = None,
+) -> dict:
+    """Loss changes with each category's ISNs zeroed, and their null.
 
-
-def random_like(neurons: NeuronSet, generator: torch.Generator) -> NeuronSet:
-    """As many neurons as ``neurons`` has in each site, drawn uniformly from the same site."""
-    control = {}
-    for site, chosen in neurons.items():
-        picked = torch.zeros(chosen.numel(), dtype=torch.bool)
-        picked[torch.randperm(chosen.numel(), generator=generator)[: int(chosen.sum())]] = True
-        control[site] = picked.reshape(chosen.shape)
-    return control
-
-
-def ablation_matrices(model: nn.Module, tokenizer, records: Sequence[Record], snapshot: Snapshot, epsilon: float,
-                      mode: str = "threshold", seed: int = 0, batch_size: int = 8) -> dict:  # fmt: skip
-    """Loss changes: ``delta[a, b]`` = response loss on category ``b`` with category ``a``'s ISNs
-    zeroed, minus the intact loss; ``control[a, b]`` the same with random neurons of equal count
-    per site. Returns both ``[C, C]`` matrices, the intact losses and the neuron counts."""
-    check_resident(unwrap(model), "ablation")  # before the long intact pass
+    Returns:
+        ``delta``: ``[C, C]``, entry ``[a, b]`` the response loss on category ``b`` with category
+        ``a``'s ISNs zeroed minus the intact loss; ``control_draws``: ``[D, C, C]`` the same with
+        random neurons of equal count per site, ``D`` seeded draws per row; ``control`` and
+        ``control_sd``: their mean and SD over draws; ``z``: ``[C, C]`` z-scores of ``delta`` against
+        the draws; ``dominance``: the verdict (see ``dominance``); ``intact``: ``[C]``;
+        ``neurons``: the ISN count of each category.
+    """
+    null_bound(control_draws, alpha)  # refuse a bad alpha or draw count before the long passes
     categories = snapshot.categories
-    generator = torch.Generator().manual_seed(seed)
-    intact = response_loss(model, tokenizer, records, categories, batch_size)
-    delta = torch.zeros(len(categories), len(categories), dtype=torch.float64)
-    control = torch.zeros_like(delta)
-    counts = []
-    for row, category in enumerate(categories):
-        neurons = category_isn(snapshot, category, epsilon, mode)
-        counts.append(int(sum(int(s.sum()) for s in neurons.values())))
-        with zeroed(model, neurons, snapshot.site_kinds):
-            delta[row] = response_loss(model, tokenizer, records, categories, batch_size) - intact
-        with zeroed(model, random_like(neurons, generator), snapshot.site_kinds):
-            control[row] = response_loss(model, tokenizer, records, categories, batch_size) - intact
-    return {"delta": delta, "control": control, "intact": intact, "neurons": counts}
+    sets = {c: category_isn(snapshot, c, epsilon, mode) for c in categories}
+    loss = ResponseLoss(tokenizer, records, categories, batch_size, max_length)
+    changes = loss_changes(model, loss, sets, [0.0], control_draws, seed)
+    delta, draws = changes.delta[0], changes.control[0]
+    z = z_scores(delta, draws)
+    return {
+        "delta": delta,
+        "control": draws.mean(0),
+        "control_sd": draws.std(0),
+        "control_draws": draws,
+        "z": z,
+        "dominance": dominance(z, control_draws, alpha),
+        "intact": changes.intact,
+        "neurons": changes.neurons,
+    }
+
+
+def z_scores(delta: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """``[..., R, C]`` observed changes and ``[..., D, R, C]`` control draws -> ``[..., R, C]``
+    ``(delta - mean) / sd`` over the draws (sample SD). Where every draw is equal, a cell that equals
+    them scores 0 and one that differs scores +-inf."""
+    mean, sd = draws.mean(-3), draws.std(-3)
+    difference = delta - mean
+    degenerate = torch.where(difference == 0, 0.0, torch.sign(difference) * torch.inf)
+    return torch.where(sd > 0, difference / sd, degenerate)
+
+
+def null_bound(draws: int, alpha: float = 0.05) -> float:
+    """The one-sided ``1 - alpha`` quantile of a cell's z-score when the ISN change is one more draw
+    from a normal control distribution: ``(X - mean) / sd`` over ``D`` draws is
+    ``sqrt(1 + 1/D)`` times Student's t with ``D - 1`` degrees of freedom (1.92 for D = 10, alpha = 0.05)."""
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
+    if draws < 2:
+        raise ValueError(f"control_draws must be >= 2, got {draws!r}")
+    return float((1 + 1 / draws) ** 0.5 * stats.t.ppf(1 - alpha, draws - 1))
+
+
+def dominant_rows(z: torch.Tensor, bound: float) -> torch.Tensor:
+    """``[..., C, C]`` z -> ``[..., C]`` bool: rows whose diagonal z exceeds ``bound`` and every other
+    z of the row."""
+    size = z.shape[-1]
+    diagonal = z.diagonal(dim1=-2, dim2=-1)
+    others = z.masked_fill(torch.eye(size, dtype=torch.bool), -torch.inf).amax(-1)
+    return (diagonal > bound) & (diagonal > others)
+
+
+def dominance(z: torch.Tensor, draws: int, alpha: float = 0.05) -> dict:
+    """Does the diagonal dominate? Yes when a majority of rows (4 of 6) are dominant rows: the
+    diagonal z above ``null_bound(draws, alpha)`` and above every off-diagonal z of the row.
+
+    Under the null (ISN changes exchangeable with normal control draws) a row passes with
+    probability at most ``alpha``; rows use separate neuron sets and draws, so a false "dominates"
+    has probability at most ``P(Binomial(C, alpha) >= majority)``: 8.6e-5 for 6 rows at 0.05.
+    Returns the passing rows, the bound, that rate, ``dominant`` and a one-sentence ``verdict``.
+    """
+    size = z.shape[-1]
+    bound = null_bound(draws, alpha)
+    passing = dominant_rows(z, bound)
+    majority = size // 2 + 1
+    count = int(passing.sum())
+    false_positive = float(stats.binom.sf(majority - 1, size, alpha))
+    dominant = count >= majority
+    verdict = (
+        f"The diagonal {'dominates' if dominant else 'does not dominate'}: in {count} of {size} rows the "
+        f"loss change on the row's own category lies more than {bound:.2f} control SDs above the mean of "
+        f"{draws} random-neuron draws (z, one-sided {alpha:g} bound) and above every other z of its row, "
+        f"and the rule asks for {majority} of {size} (false-positive rate at most {false_positive:.1g})."
+    )
+    return {
+        "rows": [bool(r) for r in passing],
+        "bound": bound,
+        "majority": majority,
+        "alpha": alpha,
+        "false_positive_rate": false_positive,
+        "dominant": dominant,
+        "verdict": verdict,
+    }
 
 
 def diagonal_dominance(matrix: torch.Tensor) -> dict:
-    """How strongly each row's own category is hit: rows whose diagonal is the row maximum, and the
-    mean diagonal against the mean off-diagonal entry."""
+    """How strongly each row's own category is hit, descriptively (no null): rows whose diagonal is
+    the row maximum, and the mean diagonal against the mean off-diagonal entry."""
     size = matrix.shape[0]
     off = matrix[~torch.eye(size, dtype=torch.bool)]
     return {

@@ -1,36 +1,48 @@
-"""Early validation of train.py and analyze.py configs: every problem is found before data or a
-model loads, and reported on one line naming the key, the bad value and what is accepted."""
+"""What types cannot say about a config: ranges, files that must exist, model presets and rules
+between fields. Written once for train.py and analyze.py, torch-free, and every problem is one
+line: ``<key>: <value> ...; expected ...``.
+"""
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
+import difflib
+from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from sparcom.conversation import TOKEN_SCOPES
-from sparcom.data import CATEGORIES
-from sparcom.models import TINY_PRESETS
-from sparcom.select import SELECTION_MODES
-
-LOGGER_MODES = ("online", "offline", "disabled")
+if TYPE_CHECKING:
+    from sparcom.config import AnalyzeConfig, SparcomConfig, TrainConfig
 
 
 class ConfigError(ValueError):
     """A bad config value; the message is one line: ``key: value ...; expected ...``."""
 
 
-def _epsilon(key: str, value) -> None:
+def closest(word: str, candidates: Iterable[str]) -> str:
+    """`` (did you mean X?)`` for the closest candidate, or nothing when none is close."""
+    found = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.75)
+    return f" (did you mean {found[0]}?)" if found else ""
+
+
+# -------------------------------------------------------------------------- single values
+
+
+def epsilon_list(key: str, value: Any) -> list[float]:
+    """A list of epsilons in (0, 1]; a single number is taken as a one-element list."""
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if not values:
+        raise ConfigError(f"{key}: [] is empty; expected a list of numbers in (0, 1], e.g. [0.3, 0.5]")
+    for index, epsilon in enumerate(values):
+        check_epsilon(f"{key}[{index}]" if isinstance(value, list | tuple) else key, epsilon)
+    return [float(e) for e in values]
+
+
+def check_epsilon(key: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= 1:
         raise ConfigError(f"{key}: {value!r} is not a valid epsilon; expected a number in (0, 1], e.g. 0.5")
 
 
-def _one_of(key: str, value, accepted) -> None:
-    if value not in accepted:
-        raise ConfigError(f"{key}: {value!r} is unknown; expected one of {', '.join(map(str, accepted))}")
-
-
-def _positive(key: str, value, allow_none: bool = False) -> None:
+def positive(key: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -38,62 +50,200 @@ def _positive(key: str, value, allow_none: bool = False) -> None:
         raise ConfigError(f"{key}: {value!r} is not allowed; expected a positive integer{extra}")
 
 
-def _model(key: str, name_or_path: str) -> None:
-    if (
-        str(name_or_path).startswith("tiny-")
-        and name_or_path not in TINY_PRESETS
-        and not Path(name_or_path).exists()
-    ):
-        raise ConfigError(f"{key}: {name_or_path!r} is not a tiny preset; expected one of {', '.join(TINY_PRESETS)}, "
-                          "a local model folder or a hub id")  # fmt: skip
+def one_of(key: str, value: Any, accepted: Iterable[str]) -> None:
+    accepted = list(accepted)
+    if value not in accepted:
+        raise ConfigError(
+            f"{key}: {value!r} is unknown{closest(value, accepted)}; expected one of {', '.join(accepted)}"
+        )
 
 
-def check_train(cfg) -> None:
-    """Everything train.py can check without loading data or a model."""
-    _model("model.name_or_path", cfg.model.name_or_path)
-    for index, category in enumerate(cfg.data.categories):
-        _one_of(f"data.categories[{index}]", category, CATEGORIES)
+def model_name(key: str, name_or_path: str) -> None:
+    """A ``tiny-*`` name must be one of the offline presets (or an existing folder)."""
+    from sparcom.config import TINY_PRESET_NAMES
+
+    name = str(name_or_path)
+    if name.startswith("tiny-") and name not in TINY_PRESET_NAMES and not Path(name).exists():
+        raise ConfigError(
+            f"{key}: {name!r} is not a tiny preset{closest(name, TINY_PRESET_NAMES)}; expected one of "
+            f"{', '.join(TINY_PRESET_NAMES)}, a local model folder or a hub id"
+        )
+
+
+def existing_file(key: str, path: str | None, what: str) -> None:
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"{key}: {path!r} does not exist; expected {what}")
+
+
+# -------------------------------------------------------------------------- whole configs
+
+
+def check(cfg: TrainConfig | AnalyzeConfig) -> None:
+    """Every rule for a typed config; normalises ``sparcom.epsilons`` (and ``sweep_epsilons``) to lists."""
+    from sparcom.config import AnalyzeConfig
+
+    check_sparcom(cfg.sparcom)
+    positive("stats.resamples", cfg.stats.resamples)
+    positive("stats.permutations", cfg.stats.permutations)
+    positive("stats.splits", cfg.stats.splits)
+    positive("stats.control_draws", cfg.stats.control_draws)
+    existing_file("data.path", cfg.data.path, "a JSONL file of HexaInst-schema records, or null for HexaInst")
+    if isinstance(cfg, AnalyzeConfig):
+        check_analyze(cfg)
+    else:
+        check_train(cfg)
+
+
+def check_sparcom(sparcom: SparcomConfig) -> None:
+    sparcom.epsilons = epsilon_list("sparcom.epsilons", sparcom.epsilons)
+    check_epsilon("sparcom.overlap_epsilon", sparcom.overlap_epsilon)
+    positive("sparcom.probe.per_category", sparcom.probe.per_category)
+    positive("sparcom.probe.batch_size", sparcom.probe.batch_size)
+    positive("sparcom.max_new_tokens", sparcom.max_new_tokens)
+
+
+def check_train(cfg: TrainConfig) -> None:
+    from sparcom.config import SFT_CHOICES
+
+    model_name("model.name_or_path", cfg.model.name_or_path)
+    positive("data.max_length", cfg.data.max_length)
     if not cfg.data.categories:
-        raise ConfigError(f"data.categories: [] is empty; expected some of {', '.join(CATEGORIES)}")
-    if cfg.data.path is not None and not Path(cfg.data.path).is_file():
-        raise ConfigError(
-            f"data.path: {cfg.data.path!r} does not exist; expected a JSONL file or null for HexaInst"
-        )
-    _positive("data.max_length", cfg.data.max_length)
-    if not cfg.sparcom.epsilons:
-        raise ConfigError(
-            "sparcom.epsilons: [] is empty; expected a list of numbers in (0, 1], e.g. [0.3, 0.5]"
-        )
-    for index, epsilon in enumerate(cfg.sparcom.epsilons):
-        _epsilon(f"sparcom.epsilons[{index}]", epsilon)
-    _one_of("sparcom.selection_mode", cfg.sparcom.selection_mode, SELECTION_MODES)
-    _one_of("sparcom.token_scope", cfg.sparcom.token_scope, TOKEN_SCOPES)
-    _positive("sparcom.probe.per_category", cfg.sparcom.probe.per_category)
-    _positive("sparcom.probe.batch_size", cfg.sparcom.probe.batch_size)
-    _positive("sparcom.record.every_steps", cfg.sparcom.record.every_steps, allow_none=True)
+        raise ConfigError("data.categories: [] is empty; expected some of the six HexaInst categories")
+    positive("sparcom.record.every_steps", cfg.sparcom.record.every_steps, allow_none=True)
     args = cfg.trainer.args
-    if str(args.save_strategy) == "steps":
-        if isinstance(args.save_steps, float) and 0 < args.save_steps < 1:
-            pass  # a fraction of the run, as transformers allows
-        else:
-            _positive("trainer.args.save_steps", args.save_steps)
-    if isinstance(args.logging_steps, int):
-        _positive("trainer.args.logging_steps", args.logging_steps)
-    if args.max_steps == 0 or (isinstance(args.max_steps, int) and args.max_steps < -1):
+    for name, choices in SFT_CHOICES.items():
+        one_of(f"trainer.args.{name}", getattr(args, name), choices)
+    if not args.learning_rate > 0:
+        raise ConfigError(
+            f"trainer.args.learning_rate: {args.learning_rate!r} is not allowed; expected a positive number"
+        )
+    positive("trainer.args.per_device_train_batch_size", args.per_device_train_batch_size)
+    positive("trainer.args.gradient_accumulation_steps", args.gradient_accumulation_steps)
+    if args.max_steps == 0 or args.max_steps < -1:
         raise ConfigError(
             f"trainer.args.max_steps: {args.max_steps!r} is not allowed; expected a positive integer or -1"
         )
-    _positive("trainer.args.per_device_train_batch_size", args.per_device_train_batch_size)
+    for name in ("save_steps", "logging_steps"):
+        value = getattr(args, name)
+        # transformers takes a step count, or a fraction of the run in (0, 1)
+        if not (value > 0 and (value < 1 or float(value).is_integer())):
+            raise ConfigError(
+                f"trainer.args.{name}: {value!r} is not allowed; expected a positive integer or a fraction in (0, 1)"
+            )
+    peft = cfg.trainer.peft
+    if peft is not None:
+        positive("trainer.peft.r", peft.r)
+        if not peft.lora_alpha > 0:
+            raise ConfigError(
+                f"trainer.peft.lora_alpha: {peft.lora_alpha!r} is not allowed; expected a positive number"
+            )
+        if not 0 <= peft.lora_dropout < 1:
+            raise ConfigError(
+                f"trainer.peft.lora_dropout: {peft.lora_dropout!r} is not allowed; expected a number in [0, 1)"
+            )
+    if cfg.trainer.isn is not None:
+        isn = cfg.trainer.isn
+        check_isn_training(isn.epsilon, isn.categories, cfg.deepspeed.config, peft, "trainer.isn.")
     config = cfg.deepspeed.config
-    if isinstance(config, str) and not Path(config).is_file():
-        raise ConfigError(f"deepspeed.config: {config!r} does not exist; expected a DeepSpeed JSON file, "
-                          "a config mapping, or deepspeed=none|zero2|zero3")  # fmt: skip
-    _one_of("logger.mode", cfg.logger.mode, LOGGER_MODES)
-    resume = cfg.resume
-    if resume not in (None, True, False) and not Path(str(resume)).is_dir():
-        raise ConfigError(
-            f"resume: {resume!r} is not a checkpoint folder; expected true, false, null or a folder"
+    if isinstance(config, str):
+        existing_file(
+            "deepspeed.config",
+            config,
+            "a DeepSpeed JSON file, a config mapping, or deepspeed=none|zero2|zero3",
         )
+    elif config is not None and not isinstance(config, dict):
+        raise ConfigError(
+            f"deepspeed.config: {config!r} is not allowed; expected a mapping, a JSON file or null"
+        )
+    if isinstance(cfg.resume, str) and not Path(cfg.resume).is_dir():
+        raise ConfigError(
+            f"resume: {cfg.resume!r} is not a checkpoint folder; expected true, false, null or a folder"
+        )
+
+
+def check_isn_training(
+    epsilon: float, categories: list[str] | None, deepspeed: Any, peft: Any, prefix: str = ""
+) -> None:
+    """ISN-only fine-tuning: its epsilon and categories, and what it cannot be combined with."""
+    check_epsilon(f"{prefix}epsilon", epsilon)
+    if categories is not None and not categories:
+        raise ConfigError(f"{prefix}categories: [] is empty; expected null (all six) or some categories")
+    stage = (
+        ((deepspeed or {}).get("zero_optimization") or {}).get("stage", 0)
+        if isinstance(deepspeed, dict)
+        else 0
+    )
+    if stage == 3:
+        raise ConfigError(
+            "deepspeed: ZeRO-3 is not supported with trainer=isn (it shards the frozen base weights that every "
+            "forward reads); expected deepspeed=zero2 or none"
+        )
+    if peft is not None:
+        raise ConfigError(
+            "trainer.peft: LoRA cannot be combined with trainer=isn; expected trainer.peft=null"
+        )
+
+
+def check_analyze(cfg: AnalyzeConfig) -> None:
+    if cfg.mode == "explain":
+        raise ConfigError(f"mode: {str(cfg.mode)!r} is not available yet; expected compare, ablate or steer")
+    if cfg.device_map is not None:  # models load whole, on the GPU when there is one
+        raise ConfigError(f"device_map: {cfg.device_map!r} is not available yet; expected null")
+    cfg.sweep_epsilons = epsilon_list("sweep_epsilons", cfg.sweep_epsilons)
+    for name, settings in (("ablate", cfg.ablate), ("steer", cfg.steer)):
+        check_epsilon(f"{name}.epsilon", settings.epsilon)
+        positive(f"{name}.per_category", settings.per_category)
+        positive(f"{name}.batch_size", settings.batch_size)
+    if not cfg.steer.scales:
+        raise ConfigError("steer.scales: [] is empty; expected factors such as [0, 0.5, 1.5, 2, 3]")
+    if cfg.stats.control_draws < 2:
+        raise ConfigError(f"stats.control_draws: {cfg.stats.control_draws!r} is too few; expected at least 2")
+    if cfg.run is not None:
+        if cfg.base or cfg.tuned or cfg.pairs:
+            raise ConfigError(
+                f"run: {cfg.run!r} is given with base, tuned or pairs; expected run or those, not both"
+            )
+        if not (Path(cfg.run) / "snapshots").is_dir():
+            raise ConfigError(
+                f"run: {cfg.run!r} is not a train.py run folder; expected a folder holding snapshots/"
+            )
+        return
+    if cfg.pairs:
+        names = [pair.name for pair in cfg.pairs]
+        for index, pair in enumerate(cfg.pairs):
+            if names.index(pair.name) != index:
+                raise ConfigError(
+                    f"pairs[{index}].name: {pair.name!r} is used twice; expected distinct names"
+                )
+            check_inputs(f"pairs[{index}].", pair.base, pair.tuned, cfg.mode)
+        return
+    check_inputs("", cfg.base, cfg.tuned, cfg.mode)
+
+
+def check_inputs(prefix: str, base: str | None, tuned: str | None, mode: str) -> None:
+    """base and tuned of one comparison: what each mode needs, files that exist, known presets."""
+    if not base:
+        raise ConfigError(
+            f"{prefix}base: null; expected run=<run folder>, or base=<...> and tuned=<...> "
+            "(snapshot files, conf/model presets, model folders or hub ids)"
+        )
+    if mode == "compare" and not tuned:
+        raise ConfigError(
+            f"{prefix}tuned: null; expected a snapshot file, conf/model preset, model folder "
+            f"or hub id to compare with {prefix}base"
+        )
+    if mode in ("ablate", "steer"):
+        key, spec = (f"{prefix}tuned", tuned) if tuned else (f"{prefix}base", base)
+        if spec.endswith(".safetensors"):
+            raise ConfigError(
+                f"{key}: {spec!r} is a snapshot, and mode={mode} needs a model; expected "
+                "a run folder, conf/model preset, model folder or hub id"
+            )
+    for key, spec in ((f"{prefix}base", base), (f"{prefix}tuned", tuned)):
+        if spec and spec.endswith(".safetensors"):
+            existing_file(key, spec, "a snapshot file")
+        elif spec:
+            model_name(key, spec)
 
 
 def check_probe_fits(records: list[dict], per_category: int, key: str = "sparcom.probe.per_category") -> None:
@@ -101,58 +251,31 @@ def check_probe_fits(records: list[dict], per_category: int, key: str = "sparcom
     for category in sorted({r["category"] for r in records}):
         available = sum(r["category"] == category for r in records)
         if per_category > available:
-            raise ConfigError(f"{key}: {per_category} is more than the {available} {category} records in the data; "
-                              f"expected at most {available}")  # fmt: skip
+            raise ConfigError(
+                f"{key}: {per_category} is more than the {available} {category} records in the data; "
+                f"expected at most {available}"
+            )
 
 
-def check_analyze(cfg) -> None:
-    """Everything analyze.py can check without loading data or a model."""
-    _one_of("mode", cfg.mode, ("compare", "ablate"))
-    _one_of("selection_mode", cfg.selection_mode, SELECTION_MODES)
-    _one_of("token_scope", cfg.token_scope, TOKEN_SCOPES)
-    for key in ("epsilons", "sweep_epsilons"):
-        if not cfg[key]:
-            raise ConfigError(f"{key}: [] is empty; expected a list of numbers in (0, 1]")
-        for index, epsilon in enumerate(cfg[key]):
-            _epsilon(f"{key}[{index}]", epsilon)
-    _epsilon("overlap_epsilon", cfg.overlap_epsilon)
-    _epsilon("ablate.epsilon", cfg.ablate.epsilon)
-    _positive("probe.per_category", cfg.probe.per_category)
-    _positive("probe.batch_size", cfg.probe.batch_size)
-    _positive("ablate.per_category", cfg.ablate.per_category)
-    if cfg.run is not None and not (Path(cfg.run) / "snapshots").is_dir():
+def check_run_dir(run_dir: Path, resume: bool | str | None, key: str = "hydra.run.dir") -> None:
+    """A folder that holds a run is reused only to resume it; ``resume: true`` needs a checkpoint."""
+    from sparcom.training import latest_checkpoint
+
+    if resume is True and latest_checkpoint(run_dir) is None:
         raise ConfigError(
-            f"run: {cfg.run!r} is not a train.py run folder; expected a folder holding snapshots/"
+            f"resume: true, but {run_dir} holds no complete checkpoint-* folder; expected a run to resume"
         )
-    if cfg.run is None and not cfg.pairs and not cfg.base:
-        raise ConfigError("base: null; expected run=<run folder>, or base=<...> and tuned=<...> "
-                          "(snapshot files, conf/model presets, model folders or hub ids)")  # fmt: skip
-    if cfg.run is None and not cfg.pairs and cfg.mode == "compare" and not cfg.tuned:
+    if not resume and holds_run(run_dir):
         raise ConfigError(
-            "tuned: null; expected a snapshot file, conf/model preset, model folder or hub id to compare with base"
+            f"{key}: {str(run_dir)!r} already holds a run; expected a new folder, or resume=true to continue it"
         )
-    for key in ("base", "tuned"):
-        spec = cfg[key]
-        if spec and str(spec).endswith(".safetensors") and not Path(spec).is_file():
-            raise ConfigError(f"{key}: {spec!r} does not exist; expected a snapshot file")
-        if spec:
-            _model(key, spec)
 
 
-def exit_on_bad_input(main):
-    """Bad input ends the program with its one message on stderr and exit status 2, no traceback;
-    ``HYDRA_FULL_ERROR=1`` shows the traceback instead."""
-    from sparcom.data import DataFileError
-    from sparcom.snapshot import SnapshotError
-
-    @functools.wraps(main)
-    def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except (ConfigError, DataFileError, SnapshotError) as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-
-    return wrapper
+def holds_run(folder: Path) -> bool:
+    """Whether train.py has written a run into ``folder`` (Hydra's own .hydra/ does not count: every
+    rank of a starting job writes it)."""
+    return (
+        (folder / "config.yaml").is_file()
+        or (folder / "snapshots").is_dir()
+        or any(folder.glob("checkpoint-*"))
+    )

@@ -27,17 +27,29 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"[1/2] train.py: tiny Qwen2-MoE, {args.steps} SFT steps, snapshots every {args.steps // 4} steps -> {run}"
     )
-    train = [sys.executable, str(ROOT / "train.py"), "model=tiny-qwen2-moe", f"hydra.run.dir={run}",
-             f"trainer.args.max_steps={args.steps}", f"trainer.args.save_steps={max(args.steps // 4, 1)}",
-             "trainer.args.learning_rate=3e-4", "sparcom.probe.per_category=20", "trainer.args.logging_steps=5"]  # fmt: skip
+    train = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "model=tiny-qwen2-moe",
+        f"hydra.run.dir={run}",
+        f"trainer.args.max_steps={args.steps}",
+        f"trainer.args.save_steps={max(args.steps // 4, 1)}",
+        "trainer.args.learning_rate=3e-4",
+        "sparcom.probe.per_category=20",
+        "trainer.args.logging_steps=5",
+    ]
     subprocess.run(train, check=True)
     print(f"[2/2] analyze.py run={run}")
     subprocess.run([sys.executable, str(ROOT / "analyze.py"), f"run={run}"], check=True)
     print(f"\nDone in {time.perf_counter() - started:.0f}s. Outputs in {run}:")
-    for item, what in (("analysis/report.html", "the report: tables, overlap matrices, drift (open in a browser)"),
-                       ("analysis/tables/", "alteration tables as CSV and Markdown"),
-                       ("snapshots/", "one snapshot per checkpoint, drift.jsonl, figures/"),
-                       ("wandb/", "the offline W&B run (wandb sync to upload)")):  # fmt: skip
+    outputs = {
+        "analysis/compare/report.html": "the report: findings, tables with intervals, overlap matrices, drift",
+        "analysis/compare/summary.json": "every number of the report, with its interval, p-value and chance level",
+        "analysis/compare/tables/": "the tables as CSV and Markdown",
+        "snapshots/": "one snapshot per checkpoint, drift.jsonl, figures/",
+        "wandb/": "the offline W&B run (wandb sync to upload)",
+    }
+    for item, what in outputs.items():
         print(f"  {run / item}  {what}")
     return 0
 

@@ -1,29 +1,173 @@
-"""Drift of ISNs/ISEs between two snapshots as flat, loggable metrics. Pure: no I/O."""
+"""Drift of ISNs/ISEs during training: one typed point per snapshot, its one record on disk
+(``drift.jsonl``) and its renderings (W&B keys, table rows). Nothing parses the keys back."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
-from sparcom.metrics import ise_alteration, isn_alteration, mean_over
+from sparcom.analysis import category_tallies, ise_alteration
 from sparcom.snapshot import Snapshot
+from sparcom.stats import expected_jaccard
+
+REFERENCES = ("base", "prev")  # against the vanilla model, against the previous snapshot
 
 
-def drift_metrics(
-    reference: Snapshot, current: Snapshot, epsilons: Sequence[float], mode: str, against: str
-) -> dict[str, float]:
-    """``sparcom/isn_jaccard/{against}/eps={eps}/{category}`` for every epsilon, with a ``mean``
-    over categories, and ``sparcom/ise_pearson/{against}/{category}`` for MoE models.
+@dataclass(frozen=True)
+class DriftPoint:
+    """ISN/ISE drift of the snapshot at ``step`` against the base snapshot and the previous one.
 
-    ``against`` names the reference in the key: "base" (the vanilla model) or "prev" (the last snapshot).
+    Attributes:
+        isn_jaccard: reference ("base" | "prev") -> epsilon -> category -> Jaccard of ISN sets.
+        isn_chance: epsilon -> category -> the Jaccard two random sets of the same per-site sizes
+            would have (against the base).
+        ise_pearson: reference -> category -> Pearson r of expert frequencies (MoE models).
+        isn_stability: epsilon -> category -> split-half stability (the base snapshot only).
     """
-    metrics: dict[str, float] = {}
-    for epsilon in epsilons:
-        per_category = isn_alteration(reference, current, epsilon, mode)
-        prefix = f"sparcom/isn_jaccard/{against}/eps={epsilon:g}"
-        metrics |= {f"{prefix}/{c}": v for c, v in per_category.items()}
-        metrics[f"{prefix}/mean"] = mean_over(list(per_category.values()))
-    pearson = ise_alteration(reference, current)
-    if pearson:
-        metrics |= {f"sparcom/ise_pearson/{against}/{c}": v for c, v in pearson.items()}
-        metrics[f"sparcom/ise_pearson/{against}/mean"] = mean_over(list(pearson.values()))
-    return metrics
+
+    step: int
+    isn_jaccard: dict[str, dict[float, dict[str, float]]]
+    isn_chance: dict[float, dict[str, float]]
+    ise_pearson: dict[str, dict[str, float]] = field(default_factory=dict)
+    isn_stability: dict[float, dict[str, float]] = field(default_factory=dict)
+
+    def wandb_metrics(self) -> dict[str, float]:
+        """``sparcom/isn_jaccard/{ref}/eps={E}/{category}`` (and ``/mean``), the chance level
+        ``sparcom/isn_jaccard_chance/base/eps={E}/{category}``, ``sparcom/ise_pearson/{ref}/{category}``
+        and, at step 0, ``sparcom/isn_stability/eps={E}/{category}``."""
+        metrics: dict[str, float] = {}
+        for reference, by_epsilon in self.isn_jaccard.items():
+            for epsilon, values in by_epsilon.items():
+                metrics |= _with_mean(f"sparcom/isn_jaccard/{reference}/eps={epsilon:g}", values)
+        for epsilon, values in self.isn_chance.items():
+            metrics |= _with_mean(f"sparcom/isn_jaccard_chance/base/eps={epsilon:g}", values)
+        for reference, values in self.ise_pearson.items():
+            metrics |= _with_mean(f"sparcom/ise_pearson/{reference}", values)
+        for epsilon, values in self.isn_stability.items():
+            metrics |= _with_mean(f"sparcom/isn_stability/eps={epsilon:g}", values)
+        return metrics
+
+    def table_rows(self) -> list[list]:
+        """Rows ``[step, category, epsilon, isn_jaccard_base, isn_jaccard_prev, chance, ise_pearson_base]``."""
+        rows = []
+        for epsilon, values in self.isn_jaccard["base"].items():
+            for category, value in values.items():
+                previous = self.isn_jaccard.get("prev", {}).get(epsilon, {}).get(category)
+                pearson = self.ise_pearson.get("base", {}).get(category)
+                rows.append(
+                    [
+                        self.step,
+                        category,
+                        epsilon,
+                        value,
+                        previous,
+                        self.isn_chance[epsilon][category],
+                        pearson,
+                    ]
+                )
+        return rows
+
+    def to_json(self) -> dict:
+        def keyed(by_epsilon: dict[float, dict]) -> dict[str, dict]:
+            return {f"{e:g}": v for e, v in by_epsilon.items()}
+
+        return {
+            "step": self.step,
+            "isn_jaccard": {ref: keyed(v) for ref, v in self.isn_jaccard.items()},
+            "isn_chance": keyed(self.isn_chance),
+            "ise_pearson": self.ise_pearson,
+            "isn_stability": keyed(self.isn_stability),
+        }
+
+    @classmethod
+    def from_json(cls, row: dict) -> DriftPoint:
+        def unkeyed(by_epsilon: dict[str, dict]) -> dict[float, dict]:
+            return {float(e): v for e, v in by_epsilon.items()}
+
+        return cls(
+            step=int(row["step"]),
+            isn_jaccard={ref: unkeyed(v) for ref, v in row["isn_jaccard"].items()},
+            isn_chance=unkeyed(row["isn_chance"]),
+            ise_pearson=row.get("ise_pearson", {}),
+            isn_stability=unkeyed(row.get("isn_stability", {})),
+        )
+
+
+TABLE_COLUMNS = [
+    "step",
+    "category",
+    "epsilon",
+    "isn_jaccard_base",
+    "isn_jaccard_prev",
+    "chance",
+    "ise_pearson_base",
+]
+
+
+def _with_mean(prefix: str, values: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}/{c}": v for c, v in values.items()} | {
+        f"{prefix}/mean": sum(values.values()) / len(values)
+    }
+
+
+def drift_point(
+    step: int,
+    base: Snapshot,
+    current: Snapshot,
+    previous: Snapshot | None,
+    epsilons: Sequence[float],
+    mode: str,
+    stability: dict[float, dict[str, float]] | None = None,
+) -> DriftPoint:
+    """Compare ``current`` with the base snapshot (and with the previous one, if any)."""
+    references = {"base": base} | ({"prev": previous} if previous is not None else {})
+    jaccard, pearson, chance = {}, {}, {}
+    for name, reference in references.items():
+        tallies = category_tallies([reference, current], epsilons, mode)
+        jaccard[name] = {e: {c: t.jaccard(c) for c in current.categories} for e, t in tallies.items()}
+        if name == "base":
+            chance = {
+                e: {c: expected_jaccard(*_sizes(t, c)) for c in current.categories}
+                for e, t in tallies.items()
+            }
+        correlations = ise_alteration(reference, current)
+        if correlations:
+            pearson[name] = correlations
+    return DriftPoint(step, jaccard, chance, pearson, stability or {})
+
+
+def _sizes(tallies, category: str):
+    row = tallies.categories.index(category)
+    return tallies.sizes[0][row], tallies.sizes[1][row], tallies.widths
+
+
+# ------------------------------------------------------------------------------ the record
+
+
+def read_drift(path: str | Path) -> list[DriftPoint]:
+    """The whole rows of a ``drift.jsonl`` (a torn last line from a killed run is skipped), by step."""
+    path = Path(path)
+    points = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                point = DriftPoint.from_json(json.loads(line))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+            points[point.step] = point
+    return [points[step] for step in sorted(points)]
+
+
+def write_drift(path: str | Path, points: Sequence[DriftPoint]) -> None:
+    """Rewrite the record atomically (temporary file, then rename)."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(p.to_json()) + "\n" for p in points), encoding="utf-8")
+    temporary.replace(path)
+
+
+def append_drift(path: str | Path, point: DriftPoint) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(point.to_json()) + "\n")

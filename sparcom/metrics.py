@@ -1,5 +1,6 @@
-"""Metrics on ISN/ISE sets and frequencies: Jaccard, Pearson, the 6x6 overlap matrix,
-general and unique ISNs, and the layer profile. Pure functions: no I/O, no hooks."""
+"""Metrics on ISN/ISE sets and frequencies: Jaccard, Pearson, pairwise Jaccard and its category
+blocks, general and unique ISNs, and the layer profile. Pure functions on tensors: no snapshots,
+no I/O, no hooks (``sparcom.analysis`` applies them to snapshots, site by site)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sparcom.select import NeuronSet, category_isn, expert_frequency, flatten, instruction_isn
-from sparcom.snapshot import Snapshot
+from sparcom.select import NeuronSet, flatten
 
 
 def jaccard(a: NeuronSet, b: NeuronSet) -> float:
@@ -26,54 +26,41 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float("nan") if denominator == 0 else float((x * y).sum() / denominator)
 
 
-def isn_alteration(
-    base: Snapshot, tuned: Snapshot, epsilon: float, mode: str = "threshold"
-) -> dict[str, float]:
-    """Per category: Jaccard of the category's ISN sets in two snapshots (the paper's Table 1)."""
-    return {
-        c: jaccard(category_isn(base, c, epsilon, mode), category_isn(tuned, c, epsilon, mode))
-        for c in base.categories
-    }
-
-
-def ise_alteration(base: Snapshot, tuned: Snapshot) -> dict[str, float]:
-    """Per category: Pearson correlation of expert frequencies ``q`` over all layers and experts (Table 2).
-    Empty for dense models."""
-    out = {}
-    for category in base.categories:
-        q_base, q_tuned = expert_frequency(base, category), expert_frequency(tuned, category)
-        if q_base:
-            out[category] = pearson(torch.cat([q.flatten() for q in q_base.values()]),
-                                    torch.cat([q_tuned[s].flatten() for s in q_base]))  # fmt: skip
-    return out
-
-
-def pairwise_jaccard(vectors: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+def pairwise_jaccard(vectors: torch.Tensor, chunk: int = 1 << 14) -> torch.Tensor:
     """``[N, M]`` bool -> ``[N, N]`` Jaccard of every pair of rows (1.0 where both rows are empty).
 
-    Intersections are one float matmul, taken over column chunks so memory stays ``O(N * chunk)``;
-    float32 sums of 0/1 are exact below 2**24 per chunk.
+    Intersections are taken over column chunks, so memory stays ``O(N * chunk)``.
     """
-    inter = torch.zeros(vectors.shape[0], vectors.shape[0], dtype=torch.float64)
+    intersections = torch.zeros(vectors.shape[0], vectors.shape[0], dtype=torch.float64)
     for start in range(0, vectors.shape[1], chunk):
-        block = vectors[:, start : start + chunk].float()
-        inter += (block @ block.T).double()
-    sizes = vectors.sum(dim=1, dtype=torch.float64)
-    union = sizes[:, None] + sizes[None, :] - inter
-    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+        intersections += shared_counts(vectors[:, start : start + chunk])
+    return jaccard_from_counts(intersections, vectors.sum(dim=1, dtype=torch.float64))
 
 
-def overlap_matrix(snapshot: Snapshot, epsilon: float, mode: str = "threshold") -> torch.Tensor:
-    """``[C, C]`` mean pairwise Jaccard of per-instruction ISN sets between categories.
+# Below these sizes the int8 kernel gains nothing, and torch 2.13's CPU kernel returns garbage for
+# a single column; tests/test_metrics.py checks the kernel against float64 at the sizes used.
+INT8_MIN_ROWS, INT8_MIN_COLUMNS = 16, 64
 
-    Entry ``(a, b)`` averages over pairs (one instruction of ``a``, one of ``b``); the diagonal
-    averages over pairs of distinct instructions of the same category.
-    """
-    count = len(snapshot.instruction_ids)
-    vectors = torch.stack([flatten(instruction_isn(snapshot, i, epsilon, mode)) for i in range(count)])
-    return category_block_means(
-        pairwise_jaccard(vectors), snapshot.instruction_categories, snapshot.categories
-    )
+
+def shared_counts(chosen: torch.Tensor) -> torch.Tensor:
+    """``[N, M]`` bool -> ``[N, N]`` float64: how many columns each pair of rows shares. Large
+    blocks take an int8 product with int32 sums (exact, about 2.5x the float32 speed on CPU);
+    the rest a float32 one (exact below 2**24 columns)."""
+    rows, columns = chosen.shape
+    if rows >= INT8_MIN_ROWS and columns >= INT8_MIN_COLUMNS:
+        int8 = chosen.to(torch.int8)
+        try:
+            return torch._int_mm(int8, int8.T.contiguous()).double()
+        except RuntimeError:  # a device or shape the int8 kernel does not take
+            pass
+    block = chosen.float()
+    return (block @ block.T).double()
+
+
+def jaccard_from_counts(intersections: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """``[N, N]`` shared counts and ``[N]`` set sizes -> ``[N, N]`` Jaccard (1.0 where both are empty)."""
+    union = sizes[:, None] + sizes[None, :] - intersections
+    return torch.where(union > 0, intersections / union.clamp(min=1), torch.ones_like(intersections))
 
 
 def category_block_means(

@@ -128,7 +128,8 @@ def load_model(
     Models bigger than one device: ``device_map`` ("auto", or module -> device, "cpu" or "disk"),
     ``max_memory`` (device -> bytes or "20GiB") and ``offload_folder`` go to ``from_pretrained``
     (accelerate's dispatch). Recording works on any placement, offloaded layers included; editing
-    weights in place (ablation) refuses offloaded ones (``check_resident``). A tiny preset takes
+    weights in place (``sparcom.intervene``, ablation, steering) refuses offloaded ones
+    (``check_resident``). A tiny preset takes
     only a single device (``device_map="cuda"``): save it with ``save_pretrained`` to dispatch it.
     """
     from transformers import AutoModelForCausalLM

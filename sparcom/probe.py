@@ -18,7 +18,7 @@ from sparcom.data import CATEGORIES, Record
 from sparcom.host_rows import HostRows, count_dtype
 from sparcom.recorder import Recorder, inference_mode
 from sparcom.sites import unwrap
-from sparcom.snapshot import Snapshot
+from sparcom.snapshot import Snapshot, dataset_hash
 
 
 def length_bucketed(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
@@ -130,6 +130,7 @@ def record(
             "token_scope": token_scope,
             "step": step,
             "sparcom_version": __version__,
+            "category_instructions": {c: sum(r["category"] == c for r in records) for c in categories},
         },
     )
 
@@ -281,9 +282,3 @@ def config_hash(config) -> str:
 
 
 _VOLATILE = {"name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "use_cache"}
-
-
-def dataset_hash(records: Sequence[Record]) -> str:
-    keys = ("id", "category", "instruction", "input", "output")
-    payload = json.dumps([[r[k] for k in keys] for r in records], ensure_ascii=False)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]

@@ -79,9 +79,15 @@ def top_fraction_rows(counts: torch.Tensor, fraction: float) -> torch.Tensor:
     """``[R, n]`` counts -> ``[R, n]`` bool: the top ``ceil(fraction * n)`` of each row, ties by position."""
     rows, width = counts.shape
     keep = min(width, math.ceil(fraction * width))
-    order = torch.sort(-counts.double(), dim=1, stable=True).indices[:, :keep]
-    chosen = torch.zeros(rows, width, dtype=torch.bool)
-    return chosen.scatter_(1, order, True)
+    if keep == 0:
+        return torch.zeros(rows, width, dtype=torch.bool)
+    # The keep-th largest value of each row is the cutoff: everything above it, then the first ties
+    # at it by position. A partial selection instead of a full sort (an order of magnitude faster).
+    cutoff = torch.topk(counts, keep, dim=1, sorted=False).values.amin(1, keepdim=True)
+    above = counts > cutoff
+    tied = counts == cutoff
+    quota = keep - above.sum(1, keepdim=True)
+    return above | (tied & (tied.cumsum(1) <= quota))
 
 
 class GlobalTopFraction:
@@ -97,7 +103,9 @@ class GlobalTopFraction:
         check_epsilon(fraction)
         self.keep = min(total, math.ceil(fraction * total))
         self.rows = rows
+        self.total = total
         self.histogram = torch.zeros(rows, 1, dtype=torch.int64)
+        self._at_least: torch.Tensor | None = None
         self._cutoff: torch.Tensor | None = None
 
     def observe(self, counts: torch.Tensor) -> None:
@@ -109,14 +117,27 @@ class GlobalTopFraction:
             self.histogram = grown
         self.histogram.scatter_add_(1, values, torch.ones_like(values))
 
+    def with_fraction(self, fraction: float) -> GlobalTopFraction:
+        """A selector for another fraction over the counts observed so far: an epsilon sweep observes
+        every site once and shares one histogram (``observe`` no longer applies to either)."""
+        other = GlobalTopFraction(fraction, self.rows, self.total)
+        other.histogram, other._at_least = None, self._counts_at_least()
+        return other
+
+    def _counts_at_least(self) -> torch.Tensor:
+        """``at_least[r, v]``: how many counts of row r are >= v (a trailing 0 column for v = max + 1).
+        It replaces the histogram (the largest tensor here), which is dropped once observing is over."""
+        if self._at_least is None:
+            suffix = self.histogram.sum(1, keepdim=True) - self.histogram.cumsum(1) + self.histogram
+            self.histogram = None
+            self._at_least = torch.cat([suffix, torch.zeros(self.rows, 1, dtype=torch.int64)], 1)
+        return self._at_least
+
     def _finish(self) -> None:
-        # at_least[r, v]: how many counts of row r are >= v (a trailing 0 column for v = max + 1).
-        at_least = torch.cat(
-            [self.histogram.flip(1).cumsum(1).flip(1), torch.zeros(self.rows, 1, dtype=torch.int64)], 1
-        )
-        # The cutoff is the largest value v with at_least >= keep (v = 0 always qualifies).
-        values = torch.arange(at_least.shape[1])
-        self._cutoff = torch.where(at_least >= self.keep, values, 0).amax(1)
+        at_least = self._counts_at_least()
+        # The cutoff is the largest value v with at_least >= keep (v = 0 always qualifies); at_least
+        # falls as v grows, so that is how many values qualify, less one.
+        self._cutoff = (at_least >= self.keep).sum(1) - 1
         above = at_least.gather(1, self._cutoff[:, None] + 1)[:, 0]
         self._quota = self.keep - above  # ties to take at the cutoff, in position order
         self._taken = torch.zeros(self.rows, dtype=torch.int64)
@@ -170,7 +191,9 @@ def instruction_isn(snapshot: Snapshot, index: int, epsilon: float, mode: str = 
 
 def expert_frequency(snapshot: Snapshot, category: str) -> dict[str, torch.Tensor]:
     """``q`` per router site: the fraction of the category's tokens that selected each expert."""
-    return {s: q for s, q in snapshot.frequency(category).items() if snapshot.site_kinds[s] == "router"}
+    total = max(int(snapshot.category_tokens[snapshot.categories.index(category)]), 1)
+    row = snapshot.counts[category]
+    return {s: row[s].double() / total for s in snapshot.sites("router")}
 
 
 def ise(

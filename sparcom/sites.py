@@ -189,3 +189,43 @@ def _ffn_width(mlp: nn.Module) -> int:
     if hasattr(mlp, "gate_proj"):
         return mlp.gate_proj.out_features
     return mlp.gate_up_proj.out_features // 2  # Phi-3: [gate; up] fused
+
+
+def neuron_weights(
+    module: nn.Module, kind: str, chosen: torch.Tensor
+) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Where the weights of chosen neurons live in a site's module (the MLP of an ``ffn`` site, the
+    fused experts of an ``experts`` site): ``(owner, parameter name, mask)`` triples, ``mask`` a bool
+    tensor shaped like the parameter and True on every entry that belongs to a chosen neuron.
+
+    ``chosen`` is shaped like the site's counts (``[d_ff]`` or ``[num_experts, d_expert]``). The
+    output (down) projection comes first: scaling its entries scales exactly the chosen neurons'
+    contributions. Then the gate and up rows (and their biases, where the FFN has them); a down
+    projection's bias belongs to no neuron.
+    """
+    chosen = chosen.to(next(module.parameters()).device)
+    if kind == "ffn":
+        rows = chosen[:, None]
+        found = [(module.down_proj, "weight", chosen[None, :])]
+        inputs = [module.gate_proj, module.up_proj] if hasattr(module, "gate_proj") else [module.gate_up_proj]
+        for linear in inputs:
+            fused = linear.out_features // chosen.numel()  # 2 for Phi-3's [gate; up]
+            found.append((linear, "weight", rows.repeat(fused, 1)))
+            if linear.bias is not None:
+                found.append((linear, "bias", chosen.repeat(fused)))
+    elif kind == "experts":
+        check_experts(module)
+        transposed = getattr(module, "is_transposed", False)
+        if getattr(module, "is_concatenated", True):
+            fused = torch.cat([chosen, chosen], dim=1)  # [E, 2d]: gate rows, then up rows
+        else:
+            fused = torch.stack([chosen, chosen], dim=2).flatten(1)  # interleaved g0, u0, g1, u1, ...
+        found = [
+            (module, "down_proj", chosen[:, :, None] if transposed else chosen[:, None, :]),
+            (module, "gate_up_proj", fused[:, None, :] if transposed else fused[:, :, None]),
+        ]
+    else:
+        raise ValueError(f"site kind {kind!r} has no neurons; expected 'ffn' or 'experts'")
+    return [
+        (owner, name, torch.broadcast_to(mask, getattr(owner, name).shape)) for owner, name, mask in found
+    ]

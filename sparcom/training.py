@@ -1,44 +1,43 @@
 """The pieces train.py wires together: SFT data in the shared conversation format, the probe set,
-TRL's SFTConfig as a Hydra node, and W&B settings. Plain functions: no Hydra needed to use them."""
+the W&B run, the run folder and resuming from its checkpoints. Plain functions (no Hydra), and
+torch-free to import."""
 
 from __future__ import annotations
 
 import dataclasses
-import enum
+import functools
+import json
 import os
 import random
 import socket
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from sparcom.conversation import encode
 from sparcom.data import CATEGORIES, Record
 
-# Fields train.py sets itself from other groups (run folder, logger, DeepSpeed, seed).
-MANAGED_FIELDS = {"output_dir", "report_to", "deepspeed", "seed", "run_name"}
+if TYPE_CHECKING:
+    from torch import nn
+
+    from sparcom.config import TrainConfig
 
 
-def sft_defaults() -> dict:
-    """Every TRL ``SFTConfig`` field with TRL's default, as a plain dict Hydra can hold, so that
-    ``trainer.args.<any field>=...`` works on the command line and a misspelt field is refused."""
-    from trl import SFTConfig
+@dataclasses.dataclass
+class Launch:
+    """What the command line said about a run, for its W&B record.
 
-    defaults = {}
-    for field in dataclasses.fields(SFTConfig):
-        if field.name.startswith("_") or field.name in MANAGED_FIELDS:
-            continue
-        if field.default is not dataclasses.MISSING:
-            value = field.default
-        elif field.default_factory is not dataclasses.MISSING:
-            value = field.default_factory()
-        else:
-            continue
-        if isinstance(value, enum.Enum):
-            value = value.value
-        if value is None or isinstance(value, str | int | float | bool | list | dict):
-            defaults[field.name] = value
-    return defaults
+    Parameters:
+        overrides: the command line's overrides, as given.
+        choices: the config group options chosen (model preset, trainer kind, ...).
+        group: the sweep this run belongs to (its W&B group), if any.
+        name: the run's readable name, e.g. a sweep job's swept overrides.
+    """
+
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    choices: dict[str, str] = dataclasses.field(default_factory=dict)
+    group: str | None = None
+    name: str | None = None
 
 
 def probe_set(records: Sequence[Record], per_category: int, seed: int = 0) -> list[Record]:
@@ -55,6 +54,8 @@ def sft_dataset(records: Sequence[Record], tokenizer, max_length: int | None):
     """Pre-tokenised SFT data: ``input_ids`` and ``completion_mask`` (the response tokens), from the
     same ``encode`` the probe uses, so training and probing see identical conversations."""
     from datasets import Dataset
+
+    from sparcom.conversation import encode
 
     encoded = [encode(r, tokenizer, max_length) for r in records]
     return Dataset.from_dict(
@@ -87,29 +88,76 @@ def collate_sft(rows: list[dict], pad_id: int = 0) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def configure_wandb(mode: str, project: str, run_dir: Path, group: str | None, name: str | None,
-                    entity: str | None) -> str:  # fmt: skip
-    """Set W&B's environment for this run; returns the effective mode.
-
-    ``online`` falls back to ``offline`` with a warning when there is no API key or no network,
-    so a run never fails for want of a login.
-    """
-    if mode not in ("online", "offline", "disabled"):
-        raise ValueError(f"unknown logger mode {mode!r}; expected online, offline or disabled")
+def wandb_mode(mode: str) -> str:
+    """The W&B mode to use: ``online`` falls back to ``offline``, with a warning, when there is no
+    API key or no network, so a run never fails for want of a login."""
     if mode == "online" and not _wandb_reachable():
         warnings.warn(
             "W&B: no API key or no network; logging offline (sync later with `wandb sync`)", stacklevel=2
         )
-        mode = "offline"
-    os.environ["WANDB_MODE"] = mode
-    os.environ["WANDB_PROJECT"] = project
-    os.environ["WANDB_DIR"] = str(run_dir)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    for key, value in (("WANDB_RUN_GROUP", group), ("WANDB_NAME", name), ("WANDB_ENTITY", entity)):
-        if value:
-            os.environ[key] = str(value)
-    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        return "offline"
     return mode
+
+
+def wandb_settings(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> dict:
+    """``wandb.init`` keyword arguments for a train.py run: project, entity, group, a readable name,
+    tags (the model and the trainer kind) and the whole resolved config, with the DeepSpeed stage
+    and the command line's overrides, so that runs can be grouped and filtered by any setting."""
+    launch = launch or Launch()
+    config = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    deepspeed = cfg.deepspeed.config
+    stage = deepspeed.get("zero_optimization", {}).get("stage") if isinstance(deepspeed, dict) else None
+    model = launch.choices.get("model") or Path(str(cfg.model.name_or_path)).name
+    trainer = launch.choices.get("trainer") or ("lora" if cfg.trainer.peft else "full")
+    config |= {
+        "deepspeed_stage": stage,
+        "overrides": list(launch.overrides),
+        "choices": dict(launch.choices),
+        "run_dir": str(run_dir),
+    }
+    return {
+        "project": cfg.logger.project,
+        "entity": cfg.logger.entity,
+        "group": cfg.logger.group or launch.group,
+        "name": cfg.logger.name or launch.name or run_dir.name,
+        "tags": [tag[:64] for tag in (*cfg.logger.tags, model, trainer)],  # W&B's limit
+        "config": config,
+    }
+
+
+def start_wandb(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> bool:
+    """Start this process's W&B run before the trainer (transformers' WandbCallback then reuses it);
+    returns whether one is running. A failure, ``wandb.init``'s included, is a warning, never an error."""
+    mode = wandb_mode(str(cfg.logger.mode))
+    if mode == "disabled":
+        return False
+    try:
+        import wandb
+
+        # W&B validates the environment's settings even where init's arguments override them.
+        os.environ["WANDB_MODE"] = mode
+        os.environ.setdefault("WANDB_SILENT", "true")
+        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        wandb.init(mode=mode, dir=str(run_dir), **wandb_settings(cfg, run_dir, launch))
+    except Exception as err:  # noqa: BLE001 - W&B must never stop a run
+        warnings.warn(
+            f"W&B setup failed ({type(err).__name__}: {err}); training continues without W&B; "
+            "snapshots are still saved",
+            stacklevel=2,
+        )
+        return False
+    return True
+
+
+def log_settings(values: dict) -> None:
+    """Add settings found during the run (e.g. trainable parameters) to the W&B run's config."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.run.config.update(values, allow_val_change=True)
+    except Exception as err:  # noqa: BLE001 - W&B must never stop a run
+        warnings.warn(f"W&B: could not log {sorted(values)} ({err})", stacklevel=2)
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -117,6 +165,87 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     checkpoint folder without it was cut short (a killed job) and is passed over."""
     complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
     return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
+
+
+def load_checkpoint_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """Copy the weights of ``checkpoint`` (a folder written by ``save_pretrained``) into ``model`` in
+    place, read as ``from_pretrained`` reads them, and refuse a checkpoint whose weights do not fit.
+
+    transformers 5 saves fused MoE experts (``experts.gate_up_proj``, ``[E, 2 * d_expert, d]``) in
+    the per-expert layout of the original checkpoints (``experts.{e}.gate_proj.weight``, ...), and only
+    ``from_pretrained`` converts them back; a plain ``load_state_dict(..., strict=False)`` (the
+    Trainer's resume) skips them and leaves the experts and, for Mixtral, the routers as they were.
+    The copy goes through ``model.load_state_dict``, strictly, so ISN-only models (whose load hooks
+    split each weight into frozen base and trainable entries) load too; tensors keep their identity,
+    so an optimizer built on them stays valid. Host memory: one copy of the weights, as the
+    Trainer's own load takes."""
+    import torch
+
+    from sparcom.sites import unwrap
+
+    hf_model = unwrap(model)
+    try:
+        loaded, info = type(hf_model).from_pretrained(str(checkpoint), dtype="auto", output_loading_info=True)
+        # from_pretrained initialises what a checkpoint lacks at random: a lack is a misfit too
+        misfit = "; ".join(
+            f"{kind}: {_some(sorted(map(str, found)))}" for kind, found in info.items() if found
+        )
+        if not misfit:
+            hf_model.load_state_dict(loaded.state_dict(), strict=True)
+            return
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as err:  # a failed conversion; keys or shapes that differ, one per line
+        lines = [line.strip() for line in str(err).splitlines()]
+        misfit = _some([line for line in lines if line and not line.startswith("Error(s) in loading")], "; ")
+    raise ValueError(
+        f"checkpoint {str(checkpoint)!r} does not fit the {type(hf_model).__name__} being trained: {misfit}"
+    )
+
+
+class CheckpointWeights:
+    """Trainer mixin: model weights read back from a checkpoint (on resume, and for
+    ``load_best_model_at_end``) are loaded with ``load_checkpoint_weights`` (every key, MoE experts
+    included), where ``Trainer`` would load them with a key-for-key ``load_state_dict(strict=False)``.
+    Adapters (PEFT), DeepSpeed and FSDP checkpoints are left to the Trainer, which reads them whole."""
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = self.model if model is None else model
+        if self._trainer_reads(resume_from_checkpoint, target):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        else:
+            load_checkpoint_weights(target, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        best = self.state.best_model_checkpoint
+        if self._trainer_reads(best, self.model):
+            super()._load_best_model()
+        else:
+            load_checkpoint_weights(self.model, best)
+
+    def _trainer_reads(self, checkpoint: str, model) -> bool:
+        from transformers.trainer_utils import _is_peft_model
+        from transformers.utils import (
+            SAFE_WEIGHTS_INDEX_NAME,
+            SAFE_WEIGHTS_NAME,
+            WEIGHTS_INDEX_NAME,
+            WEIGHTS_NAME,
+        )
+
+        weights = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+        return (
+            self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+            or _is_peft_model(model)
+            or not any((Path(checkpoint) / name).is_file() for name in weights)
+        )
+
+
+@functools.cache
+def resumable(trainer_class: type) -> type:
+    """``trainer_class`` (a transformers ``Trainer``, e.g. TRL's ``SFTTrainer``) reading checkpoints
+    back with ``CheckpointWeights``: ``resumable(SFTTrainer)(model=..., args=...)``."""
+    return type(trainer_class.__name__, (CheckpointWeights, trainer_class), {})
 
 
 def finish_wandb() -> None:
@@ -129,6 +258,12 @@ def finish_wandb() -> None:
         wandb.teardown()  # forget settings read from the environment: the next job sets its own
     except Exception as err:  # noqa: BLE001 - logging must never fail a finished run
         warnings.warn(f"W&B: could not finish the run ({err})", stacklevel=2)
+
+
+def _some(items: list[str], separator: str = ", ", shown: int = 3) -> str:
+    """The first ``shown`` items and how many more: a long list still fits an error's one line."""
+    more = f"{separator}... ({len(items) - shown} more)" if len(items) > shown else ""
+    return separator.join(items[:shown]) + more
 
 
 def _wandb_reachable() -> bool:

@@ -13,6 +13,11 @@ from sparcom.models import load_model
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests' models are tiny: a second thread per matmul costs more in synchronisation than it
+# saves, and on a shared 2-core machine it makes every test wait on the other's load. Child
+# processes (torchrun ranks, the CLI) inherit the same setting.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

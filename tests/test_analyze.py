@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,11 +16,15 @@ import pytest
 import torch
 
 import sparcom
-import sparcom.metrics
+from analyze import analyze
 from sparcom.ablation import zeroed
+from sparcom.cli import compose
+from sparcom.metrics import jaccard
 from sparcom.models import load_model
 from sparcom.select import category_isn
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, snapshot_series
+from sparcom.stats import expected_jaccard
+from train import train
 
 from conftest import per_category
 
@@ -27,49 +32,99 @@ ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
 
 
-def analyze(*overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, str(ROOT / "analyze.py"), *overrides], capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)  # fmt: skip
-    assert done.returncode == expect, done.stdout[-2000:] + done.stderr[-3000:]
-    return done
+def analyzed(*overrides: str) -> list[Path]:
+    """analyze.py's work, in-process: the typed config of the overrides, written where the CLI writes."""
+    cfg = compose("analyze", overrides)
+    out = Path(cfg.out) if cfg.out else Path(cfg.run) / "analysis"
+    return analyze(cfg, out)
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """One real 6-step SFT run of the tiny MoE (checkpoints at 3 and 6)."""
     folder = tmp_path_factory.mktemp("run") / "run"
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "logger=disabled",
-                           f"hydra.run.dir={folder}"], capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return folder
+    return train(compose("train", ["experiment=smoke", "logger=disabled"]), folder)
 
 
 @pytest.mark.slow
-def test_run_report_has_the_tables_and_figures(run):
-    analyze(f"run={run}")
-    out = run / "analysis"
+def test_run_report_has_the_tables_figures_and_what_was_compared(run):
+    assert analyzed(f"run={run}") == [run / "analysis" / "compare" / "report.html"]
+    out = run / "analysis" / "compare"
     with open(out / "tables" / "isn_jaccard.csv") as handle:
-        rows = list(csv.reader(handle))
-    assert rows[0] == ["category", "Jaccard eps=0.3", "Jaccard eps=0.5", "Jaccard eps=0.7"]
-    assert [r[0] for r in rows[1:]] == [*sparcom.data.CATEGORIES, "mean"]
+        rows = list(csv.DictReader(handle))
+    assert [(r["category"], r["epsilon"]) for r in rows] == [
+        (c, e) for e in ("0.3", "0.5", "0.7") for c in [*sparcom.data.CATEGORIES, "mean"]
+    ]
     assert (out / "tables" / "ise_pearson.md").read_text().startswith("| category |")
-    for figure in ("epsilon_sweep", "layer_profile", "overlap_base", "overlap_tuned", "token_overlap",
-                   "drift_isn_eps0.5", "drift_ise"):  # fmt: skip
+    for figure in ("epsilon_sweep", "layer_profile", "overlap", "token_overlap", "drift_isn", "drift_ise"):
         assert (out / "figures" / f"{figure}.png").stat().st_size > 10_000, figure
-    summary = json.loads((out / "summary.json").read_text())
-    assert -1 <= summary["token_overlap_correlation"]["base"] <= 1
-    # The tables are the stored counts' values: recompute one cell from the snapshots themselves.
+    # The tables are the stored counts' values: recompute a cell and its chance level from the
+    # snapshots, through the category's ISN sets themselves.
     series = snapshot_series(run / "snapshots")
     base, tuned = Snapshot.load(series[0]), Snapshot.load(series[6])
-    expected = sparcom.metrics.isn_alteration(base, tuned, 0.5)["math"]
-    assert float(rows[1 + sparcom.data.CATEGORIES.index("math")][2]) == pytest.approx(expected)
+    a, b = category_isn(base, "math", 0.5), category_isn(tuned, "math", 0.5)
+    cell = next(r for r in rows if r["category"] == "math" and r["epsilon"] == "0.5")
+    assert float(cell["jaccard"]) == pytest.approx(jaccard(a, b))
+    sizes = [torch.tensor([int(s[site].sum()) for site in a]) for s in (a, b)]
+    widths = torch.tensor([a[site].numel() for site in a])
+    assert float(cell["chance"]) == pytest.approx(expected_jaccard(*sizes, widths))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["base"]["step"] == 0 and summary["tuned"]["step"] == 6
+    # The documented schema: every number with its interval, chance level, stability or p-value.
+    cell = summary["isn_jaccard"]["math"]["eps=0.5"]
+    assert (
+        cell["value"] == pytest.approx(jaccard(a, b)) and cell["ci95"][0] <= cell["value"] <= cell["ci95"][1]
+    )
+    assert 0 < cell["chance"] < 1 and 0 < cell["stability_base"] <= 1 and 0 < cell["stability_tuned"] <= 1
+    assert set(summary["isn_jaccard"]) == {*sparcom.data.CATEGORIES, "mean"}
+    assert set(summary["ise_pearson"]["code"]) == {"value", "ci95"}
+    for side in ("base", "tuned"):
+        overlap = summary["overlap"][side]
+        assert set(overlap["diagonal_dominance"]) == {"statistic", "p_value"}
+        assert (
+            0 < overlap["per_category"]["math"]["p_value"] <= overlap["per_category"]["math"]["p_holm"] <= 1
+        )
+        assert {"category_effect", "p_value", "correlation", "verdict"} <= set(summary["token_control"][side])
+        assert {"three_phase", "margin", "ci95", "counts"} <= set(summary["layer_profile"][side]["math"])
+    assert len(summary["findings"]) >= 5 and summary["settings"]["statistics"]["resamples"] == 200
+    page = (out / "report.html").read_text()
+    for shown in (
+        "run, step 0",
+        "run, step 6",
+        "learning_rate 0.0001",
+        "max_steps 6",
+        "4 per category",
+        "prompt tokens",
+        "threshold, epsilons 0.3, 0.5, 0.7",
+        "Findings",
+    ):
+        assert shown in page, shown
+    assert 'href="compare/report.html"' in (run / "analysis" / "index.html").read_text()
+
+
+def test_statistics_fields_are_null_with_the_reason_without_per_instruction_counts(small_records, tmp_path):
+    base_model, tokenizer = load_model("tiny-olmoe")
+    tuned_model, _ = load_model("tiny-olmoe", seed=1)
+    snapshots = [
+        sparcom.record(m, tokenizer, small_records, per_instruction=False, progress=False).save(
+            tmp_path / f"{n}.safetensors"
+        )
+        for n, m in (("a", base_model), ("b", tuned_model))
+    ]
+    [page] = analyzed(f"base={snapshots[0]}", f"tuned={snapshots[1]}", f"out={tmp_path / 'out'}")
+    summary = json.loads((page.parent / "summary.json").read_text())
+    assert summary["isn_jaccard"]["math"]["eps=0.5"]["ci95"] is None
+    assert 0 <= summary["isn_jaccard"]["math"]["eps=0.5"]["chance"] <= 1  # needs category counts only
+    assert summary["overlap"] is None and summary["token_control"] is None
+    assert "per-instruction counts" in summary["notes"]["statistics"]
+    assert "per_instruction=false" in page.read_text()
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed")
 def test_html_report_renders_with_visible_figures(run, tmp_path):
-    analyze(f"run={run}")
-    page = (run / "analysis" / "report.html").read_text()
+    analyzed(f"run={run}")
+    page = (run / "analysis" / "compare" / "report.html").read_text()
     assert 'src="data:image/png;base64,' in page and "<link" not in page  # self-contained
     probe = """<script>
     window.addEventListener('load', () => {
@@ -86,29 +141,42 @@ def test_html_report_renders_with_visible_figures(run, tmp_path):
     });</script>"""
     checked = tmp_path / "report.html"
     checked.write_text(page.replace("</body>", probe + "</body>"))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,900", "--virtual-time-budget=5000"]  # fmt: skip
-    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", checked.as_uri()], capture_output=True, text=True,
-                         timeout=120).stdout  # fmt: skip
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,900",
+        "--virtual-time-budget=5000",
+    ]
+    dom = subprocess.run(
+        [CHROMIUM, *flags, "--dump-dom", checked.as_uri()], capture_output=True, text=True, timeout=120
+    ).stdout
     result = json.loads(dom.split('<pre id="probe">')[1].split("</pre>")[0])
-    assert len(result["images"]) >= 8 and all(result["images"]), result
+    assert len(result["images"]) >= 6 and all(result["images"]), result
     assert result["tables"] and all(result["tables"]), result
 
 
 @pytest.mark.slow
 def test_base_and_tuned_models_are_recorded_and_compared(run, tmp_path):
-    out = tmp_path / "compare"
-    analyze("base=tiny-qwen2-moe", f"tuned={run / 'checkpoint-6'}", "probe.per_category=4", f"out={out}")
-    with open(out / "tables" / "isn_jaccard.csv") as handle:
-        recorded = list(csv.reader(handle))
-    # Same weights, same probe, as the run's own snapshots: the same table.
-    with (
-        open(run / "analysis" / "tables" / "isn_jaccard.csv")
-        if (run / "analysis").exists()
-        else open(out / "tables" / "isn_jaccard.csv") as handle
-    ):
-        assert recorded == list(csv.reader(handle))
+    out = tmp_path / "out"
+    analyzed(
+        "base=tiny-qwen2-moe", f"tuned={run / 'checkpoint-6'}", "sparcom.probe.per_category=4", f"out={out}"
+    )
+    # Same weights, same probe as the run's own snapshots: the same table.
+    files = [
+        run / "analysis" / "compare" / "tables" / "isn_jaccard.csv",
+        out / "compare" / "tables" / "isn_jaccard.csv",
+    ]
+    if not files[0].exists():
+        analyzed(f"run={run}")
+    recorded, logged = (list(csv.reader(path.read_text().splitlines())) for path in files)
+    assert recorded == logged
 
 
 @pytest.mark.slow
@@ -117,8 +185,8 @@ def test_snapshots_of_different_models_are_refused(run, tmp_path):
     model, tokenizer = load_model("tiny-llama")
     sparcom.record(model, tokenizer, per_category(4), progress=False).save(llama)
     moe = snapshot_series(run / "snapshots")[0]
-    done = analyze(f"base={llama}", f"tuned={moe}", f"out={tmp_path / 'x'}", expect=2)
-    assert "different model family" in done.stderr and "'llama'" in done.stderr
+    with pytest.raises(SnapshotError, match="different model family.*'llama'"):
+        analyzed(f"base={llama}", f"tuned={moe}", f"out={tmp_path / 'x'}")
 
 
 def test_comparability_names_the_difference(small_records):
@@ -128,7 +196,7 @@ def test_comparability_names_the_difference(small_records):
     with pytest.raises(SnapshotError, match="different token scope"):
         check_comparable(snapshot, other_scope)
     other_data = replace(snapshot, meta={**snapshot.meta, "dataset_hash": "0" * 16})
-    with pytest.raises(SnapshotError, match="different dataset"):
+    with pytest.raises(SnapshotError, match="different probe sets"):
         check_comparable(snapshot, other_data)
     fewer = replace(
         snapshot, site_kinds={k: v for k, v in snapshot.site_kinds.items() if "layers.3" not in k}
@@ -138,12 +206,37 @@ def test_comparability_names_the_difference(small_records):
 
 
 @pytest.mark.slow
-def test_ablation_report(run):
-    done = analyze("mode=ablate", f"run={run}", "ablate.per_category=3", f"out={run / 'ablation'}")
-    result = json.loads((run / "ablation" / "ablation.json").read_text())
-    assert len(result["delta"]) == 6 and all(len(row) == 6 for row in result["delta"])
-    assert len(result["control_delta"]) == 6 and result["held_out"]
-    assert "diagonal" in done.stdout and (run / "ablation" / "report.html").is_file()
+def test_ablation_through_the_command_line_leaves_the_comparison_alone(run):
+    """The CLI prints the verdict's report and the index; the comparison's report is untouched."""
+    analyzed(f"run={run}")
+    compared = (run / "analysis" / "compare" / "report.html").read_bytes()
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "analyze.py"),
+            "mode=ablate",
+            f"run={run}",
+            "ablate.per_category=3",
+            "stats.control_draws=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "SPARCOM_RUN_STAMP"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = run / "analysis" / "ablate"
+    result = json.loads((out / "ablation.json").read_text())
+    assert len(result["isn_delta"]) == 6 and all(len(row) == 6 for row in result["isn_delta"])
+    assert len(result["z"]) == 6 and result["held_out"] and "diagonal" in result["dominance"]["verdict"]
+    assert done.stdout.splitlines()[-2:] == [
+        f"report: {out / 'report.html'}",
+        f"index: {run / 'analysis' / 'index.html'}",
+    ]
+    assert (run / "analysis" / "compare" / "report.html").read_bytes() == compared
+    index = (run / "analysis" / "index.html").read_text()
+    assert 'href="compare/report.html"' in index and 'href="ablate/report.html"' in index
 
 
 def test_zeroing_neurons_equals_silencing_their_activations(small_records):
@@ -169,3 +262,20 @@ def test_zeroing_neurons_equals_silencing_their_activations(small_records):
         handle.remove()
     assert torch.allclose(edited, silenced, atol=1e-10)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.slow
+def test_steering_writes_the_dose_response_table_and_figures(run):
+    [page] = analyzed(
+        f"run={run}", "mode=steer", "steer.per_category=2", "steer.scales=[0,1,2]", "stats.control_draws=2"
+    )
+    out = run / "analysis" / "steer"
+    assert page == out / "report.html"
+    with open(out / "dose_response.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["steered", "evaluated", "scale", "loss_delta", "control_mean", "control_sd"]
+    assert len(rows) == 6 * 6 * 3
+    unchanged = [r for r in rows if float(r["scale"]) == 1]
+    assert all(float(r["loss_delta"]) == 0 and float(r["control_mean"]) == 0 for r in unchanged)
+    assert len(list((out / "figures").glob("dose_response_*.png"))) == 6
+    assert 'href="steer/report.html"' in (run / "analysis" / "index.html").read_text()

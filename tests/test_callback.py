@@ -25,7 +25,7 @@ def test_callback_in_a_plain_trainer(tmp_path):
         train_dataset=sft_dataset(per_category(4), tokenizer, 256),
         data_collator=collate_sft,
     )
-    callback = SparcomCallback(tokenizer, per_category(2), epsilons=[0.5], log_figures=False)
+    callback = SparcomCallback(tokenizer, per_category(2), epsilons=[0.5], draw_figures=False)
     trainer.add_callback(callback)
     trainer.train()
     assert sorted(snapshot_series(tmp_path / "snapshots")) == [0, 2, 4]

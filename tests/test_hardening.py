@@ -1,4 +1,4 @@
-"""Bad input fails early and clearly; faults and interruptions lose nothing."""
+"""Bad input fails at once, on one line, leaving nothing behind; faults and interruptions lose nothing."""
 
 from __future__ import annotations
 
@@ -11,112 +11,124 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.config_store import ConfigStore
 
-from sparcom.config_check import ConfigError, check_analyze, check_probe_fits, check_train
+from sparcom.cli import compose
 from sparcom.data import DataFileError, load_records
 from sparcom.snapshot import Snapshot, snapshot_series
-from sparcom.training import configure_wandb, sft_defaults
+from sparcom.training import wandb_mode
+from train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).parent
 
 
-def composed(name: str, overrides: list[str]):
-    ConfigStore.instance().store(name="sft_args", node=sft_defaults())
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+@pytest.fixture(scope="module")
+def no_torch(tmp_path_factory) -> str:
+    """A PYTHONPATH entry whose torch, trl and transformers fail to import: a config error reported
+    through it was reported before any of them was imported (they take seconds to import)."""
+    folder = tmp_path_factory.mktemp("blocked")
+    for name in ("torch", "trl", "transformers"):
+        (folder / name).mkdir()
+        (folder / name / "__init__.py").write_text(
+            f"raise ImportError('{name} imported before the config check')\n"
+        )
+    return os.pathsep.join([str(folder), str(ROOT)])
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        (
-            "sparcom.epsilons=[0.5,1.5]",
-            r"sparcom.epsilons\[1\]: 1.5 is not a valid epsilon; expected a number in \(0, 1\]",
-        ),
-        ("sparcom.epsilons=[0]", r"sparcom.epsilons\[0\]: 0 is not a valid epsilon"),
-        (
-            "data.categories=[math,poetry]",
-            r"data.categories\[1\]: 'poetry' is unknown; expected one of classification",
-        ),
-        (
-            "model.name_or_path=tiny-gpt",
-            r"model.name_or_path: 'tiny-gpt' is not a tiny preset; expected one of tiny-llama",
-        ),
-        (
-            "sparcom.token_scope=everything",
-            r"sparcom.token_scope: 'everything' is unknown; expected one of prompt, response, all",
-        ),
-        (
-            "sparcom.selection_mode=top",
-            r"sparcom.selection_mode: 'top' is unknown; expected one of threshold",
-        ),
-        (
-            "trainer.args.save_steps=0",
-            r"trainer.args.save_steps: 0 is not allowed; expected a positive integer",
-        ),
-        (
-            "sparcom.record.every_steps=-2",
-            r"sparcom.record.every_steps: -2 is not allowed; expected a positive integer or null",
-        ),
-        (
-            "deepspeed.config=/nope/ds.json",
-            r"deepspeed.config: '/nope/ds.json' does not exist; expected a DeepSpeed JSON",
-        ),
-        ("logger.mode=loud", r"logger.mode: 'loud' is unknown; expected one of online, offline, disabled"),
-    ],
-)
-def test_bad_train_config_is_named_on_one_line(override, message):
-    with pytest.raises(ConfigError, match=message) as caught:
-        check_train(composed("train", [override]))
-    assert "\n" not in str(caught.value)
+def run_cli(script: str, overrides: list[str], cwd: Path, pythonpath: str | None = None, **env):
+    environment = {**os.environ, **env}
+    environment.pop("SPARCOM_RUN_STAMP", None)
+    if pythonpath:
+        environment["PYTHONPATH"] = pythonpath
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env=environment,
+    )
 
 
-def test_probe_larger_than_the_data_is_refused():
-    with pytest.raises(
-        ConfigError, match="sparcom.probe.per_category: 201 is more than the 200 classification records"
-    ):
-        check_probe_fits(load_records(), 201)
+BAD_INPUT = [
+    ("train.py", ["sparcom.epsilons=[1.5]"], "sparcom.epsilons[0]: 1.5 is not a valid epsilon"),
+    (
+        "train.py",
+        ["+trainer.args.learning_rat=1e-4"],
+        "trainer.args.learning_rat: unknown key (did you mean trainer.args.learning_rate?)",
+    ),
+    (
+        "train.py",
+        ["trainer.args.learning_rat=1e-4"],
+        "trainer.args.learning_rat: unknown key (did you mean trainer.args.learning_rate?)",
+    ),
+    ("train.py", ["trainer=lora", "trainer.peft.r=-1"], "trainer.peft.r: -1 is not allowed"),
+    (
+        "train.py",
+        ["trainer.args.learning_rate=abc"],
+        "trainer.args.learning_rate: 'abc' is not of the right type",
+    ),
+    ("train.py", ["model=nope"], "model: 'nope' is not a config option"),
+    (
+        "train.py",
+        ["-m", "trainer.args.learning_rate=1e-4,3e-4", "sparcom.probe.per_category=0"],
+        "sparcom.probe.per_category: 0 is not allowed",
+    ),
+    (
+        "train.py",
+        ["-m", "trainer.args.learning_rate=1e-4,abc"],
+        "trainer.args.learning_rate: 'abc' is not of the right type",
+    ),
+    ("analyze.py", ["pairs=[{name: a, base: x}]"], "pairs[0].tuned: null"),
+    (
+        "analyze.py",
+        ["mode=ablate", "base=x.safetensors"],
+        "base: 'x.safetensors' is a snapshot, and mode=ablate needs a model",
+    ),
+    ("analyze.py", ["run=/nonexistent"], "run: '/nonexistent' is not a train.py run folder"),
+]
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("epsilons=[2]", r"epsilons\[0\]: 2 is not a valid epsilon"),
-        ("mode=explain", r"mode: 'explain' is unknown; expected one of compare, ablate"),
-        ("run=/nonexistent", r"run: '/nonexistent' is not a train.py run folder"),
-        ("base=x.safetensors", r"base: 'x.safetensors' does not exist"),
-    ],
-)
-def test_bad_analyze_config_is_named(override, message):
-    with pytest.raises(ConfigError, match=message):
-        check_analyze(composed("analyze", [override, "tuned=y"]))
+@pytest.mark.parametrize(("script", "overrides", "message"), BAD_INPUT)
+def test_bad_input_exits_at_once_on_one_line_and_leaves_no_folder(
+    tmp_path, no_torch, script, overrides, message
+):
+    done = run_cli(script, overrides, tmp_path, no_torch)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines() == [f"error: {done.stderr[7:].strip()}"] and message in done.stderr, (
+        done.stderr
+    )
+    assert list(tmp_path.iterdir()) == []  # no outputs/<stamp>, multirun/<stamp> or analysis/<stamp>
 
 
-def test_bad_input_exits_early_without_a_traceback(tmp_path):
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "sparcom.epsilons=[1.5]", f"hydra.run.dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+def test_hydra_full_error_shows_the_traceback(tmp_path, no_torch):
+    done = run_cli("train.py", ["sparcom.epsilons=[1.5]"], tmp_path, no_torch, HYDRA_FULL_ERROR="1")
+    assert done.returncode != 0 and "Traceback" in done.stderr and "ConfigError" in done.stderr
+    done = run_cli("train.py", ["model=nope"], tmp_path, no_torch, HYDRA_FULL_ERROR="1")
+    assert done.returncode != 0 and "Traceback" in done.stderr and "model/nope" in done.stderr
+
+
+def test_a_folder_holding_a_run_is_not_overwritten(tmp_path, no_torch):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    done = run_cli("train.py", [f"hydra.run.dir={run}"], tmp_path, no_torch)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1].startswith("error: sparcom.epsilons[0]: 1.5")
-    assert "Traceback" not in done.stderr and "Loading weights" not in done.stderr + done.stdout
-    assert time.perf_counter() - started < 60
-    shown = subprocess.run([sys.executable, str(ROOT / "train.py"), "sparcom.epsilons=[1.5]", f"hydra.run.dir={tmp_path}"],
-                           capture_output=True, text=True, timeout=120, env={**os.environ, "HYDRA_FULL_ERROR": "1"})  # fmt: skip
-    assert shown.returncode != 0 and "Traceback" in shown.stderr
+    assert (
+        done.stderr
+        == f"error: hydra.run.dir: '{run}' already holds a run; expected a new folder, or resume=true to continue it\n"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]  # Hydra's .hydra/ was not written into it
 
 
 @pytest.mark.parametrize(
     ("content", "message"),
     [
         (b'{"id": "a", "category": "math"\n', r"bad.jsonl:1: malformed JSON"),
-        (b'{"id": "a", "category": "math", "instruction": "x", "input": "", "origin": "t"}\n', r"bad.jsonl:1: missing field 'output'"),
-        (b'{"id": "a", "category": "math", "instruction": "\xff\xfe", "input": "", "output": "1", "origin": "t"}\n',
-         r"bad.jsonl:1: not UTF-8"),
+        (b'{"category": "math", "instruction": "x"}\n', r"bad.jsonl:1: missing field 'output'"),
+        (b'{"category": "math", "instruction": "\xff\xfe", "output": "1"}\n', r"bad.jsonl:1: not UTF-8"),
     ],
-)  # fmt: skip
+)
 def test_data_problems_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_bytes(content)
@@ -124,14 +136,32 @@ def test_data_problems_name_file_and_line(tmp_path, content, message):
         load_records(path)
 
 
-def test_user_dataset_with_an_empty_category_stops_train_py(tmp_path):
+def test_user_records_need_only_category_instruction_and_output(tmp_path):
+    rows = [{k: r[k] for k in ("category", "instruction", "output")} for r in load_records()]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    loaded = load_records(path)
+    assert [(r["input"], r["origin"]) for r in loaded] == [("", "user")] * len(rows)
+    assert len({r["id"] for r in loaded}) == len(rows) and loaded[0]["id"].startswith("classification-")
+    # An id names its record's content, not its line: reordering the file keeps every id.
+    path.write_text("".join(json.dumps(row) + "\n" for row in reversed(rows)))
+    assert {r["id"]: r["instruction"] for r in load_records(path)} == {
+        r["id"]: r["instruction"] for r in loaded
+    }
+
+
+def test_user_dataset_with_an_empty_category_stops_training_before_the_model_loads(tmp_path):
     data = tmp_path / "mine.jsonl"
-    data.write_text("".join(line for line in (ROOT / "sparcom/data/hexainst.jsonl").read_text().splitlines(True)
-                            if '"category": "code"' not in line))  # fmt: skip
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), f"data.path={data}", f"hydra.run.dir={tmp_path / 'run'}"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 2
-    assert f"{data}: category 'code' has no records" in done.stderr and "Traceback" not in done.stderr
+    data.write_text(
+        "".join(
+            line
+            for line in (ROOT / "sparcom/data/hexainst.jsonl").read_text().splitlines(True)
+            if '"category": "code"' not in line
+        )
+    )
+    with pytest.raises(DataFileError, match=f"{data}: category 'code' has no records"):
+        train(compose("train", [f"data.path={data}", "logger=disabled"]), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_online_without_an_api_key_logs_offline(tmp_path, monkeypatch):
@@ -139,25 +169,28 @@ def test_online_without_an_api_key_logs_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     monkeypatch.setenv("HOME", str(tmp_path))
     with pytest.warns(UserWarning, match="no API key or no network; logging offline"):
-        assert configure_wandb("online", "p", tmp_path, None, None, None) == "offline"
-    assert os.environ["WANDB_MODE"] == "offline"
+        assert wandb_mode("online") == "offline"
 
 
 @pytest.mark.slow
 def test_wandb_init_failure_is_a_warning_and_training_goes_on(tmp_path):
-    run = tmp_path / "run"
-    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "experiment=smoke", "logger.project=bad/name",
-                           f"hydra.run.dir={run}"], capture_output=True, text=True, timeout=400)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "W&B setup failed (UsageError: Invalid project name" in done.stderr
-    assert sorted(snapshot_series(run / "snapshots")) == [0, 3, 6]
+    cfg = compose("train", ["experiment=smoke", "trainer.args.max_steps=3", "logger.project=bad/name"])
+    with pytest.warns(UserWarning, match=r"W&B setup failed \(UsageError: Invalid project name"):
+        run = train(cfg, tmp_path / "run")
+    assert sorted(snapshot_series(run / "snapshots")) == [0, 3]
 
 
 @pytest.mark.slow
 def test_sigkill_leaves_finished_snapshots_loadable_and_the_run_resumes(tmp_path):
     run = tmp_path / "run"
-    command = [sys.executable, str(ROOT / "train.py"), "experiment=smoke", "logger=disabled", "trainer.args.max_steps=9",
-               f"hydra.run.dir={run}"]  # fmt: skip
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "experiment=smoke",
+        "logger=disabled",
+        "trainer.args.max_steps=9",
+        f"hydra.run.dir={run}",
+    ]
     process = subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
@@ -175,8 +208,7 @@ def test_sigkill_leaves_finished_snapshots_loadable_and_the_run_resumes(tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(snapshot_series(run / "snapshots")) == [0, 3, 6, 9]
     steps = [
-        int(line.split(",")[0].split(":")[1])
-        for line in (run / "snapshots" / "drift.jsonl").read_text().splitlines()
+        json.loads(line)["step"] for line in (run / "snapshots" / "drift.jsonl").read_text().splitlines()
     ]
     assert steps == [0, 3, 6, 9]
 
@@ -184,9 +216,22 @@ def test_sigkill_leaves_finished_snapshots_loadable_and_the_run_resumes(tmp_path
 @pytest.mark.slow
 def test_a_failing_rank_ends_every_rank(tmp_path):
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(HERE / "distributed_failure.py"), "tiny-llama"], capture_output=True, text=True,
-                          timeout=300, cwd=HERE)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(HERE / "distributed_failure.py"),
+            "tiny-llama",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=HERE,
+    )
     assert done.returncode != 0
     assert "sparcom probe failed on rank 1 of 2: RuntimeError: simulated device failure" in done.stderr
     assert time.perf_counter() - started < 120
@@ -196,30 +241,19 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
 def test_resume_restores_a_drift_row_a_kill_cut_off(tmp_path):
     """The narrowest kill window: after a snapshot's rename, before (or halfway through) its
     drift.jsonl row. Resuming recomputes the row from the snapshots on disk."""
-    from sparcom.drift import drift_metrics
+    from sparcom.drift import drift_point, read_drift
 
     run = tmp_path / "run"
-    command = [
-        sys.executable,
-        str(ROOT / "train.py"),
-        "experiment=smoke",
-        "logger=disabled",
-        f"hydra.run.dir={run}",
-    ]
-    assert (
-        subprocess.run([*command, "trainer.args.max_steps=3"], capture_output=True, timeout=400).returncode
-        == 0
-    )
+    smoke = ["experiment=smoke", "logger=disabled"]
+    train(compose("train", [*smoke, "trainer.args.max_steps=3"]), run)
     drift = run / "snapshots" / "drift.jsonl"
     lines = drift.read_text().splitlines()
     drift.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # row 3 torn mid-write
-    done = subprocess.run([*command, "trainer.args.max_steps=6", "resume=true"], capture_output=True, text=True,
-                          timeout=400)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for line in drift.read_text().splitlines()]
-    assert [row["step"] for row in rows] == [0, 3, 6]
+    train(compose("train", [*smoke, "trainer.args.max_steps=6", "resume=true"]), run)
+    points = read_drift(drift)
+    assert [point.step for point in points] == [0, 3, 6]
     series = snapshot_series(run / "snapshots")
-    expected = drift_metrics(
-        Snapshot.load(series[0]), Snapshot.load(series[3]), [0.3, 0.5, 0.7], "threshold", "base"
-    )
-    assert all(rows[1][key] == pytest.approx(value, abs=1e-12) for key, value in expected.items())
+    base, step3 = Snapshot.load(series[0]), Snapshot.load(series[3])
+    expected = drift_point(3, base, step3, base, [0.3, 0.5, 0.7], "threshold").wandb_metrics()
+    logged = points[1].wandb_metrics()
+    assert all(logged[key] == pytest.approx(value, abs=1e-12) for key, value in expected.items())

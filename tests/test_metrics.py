@@ -7,13 +7,14 @@ import math
 import pytest
 import torch
 
+from sparcom.analysis import overlap_matrix
 from sparcom.metrics import (
     general_and_unique,
     jaccard,
     layer_profile,
-    overlap_matrix,
     pairwise_jaccard,
     pearson,
+    shared_counts,
 )
 from sparcom.select import GlobalTopFraction, ise, isn, select_rows, threshold_count
 from sparcom.snapshot import Snapshot
@@ -127,3 +128,12 @@ def test_threshold_count_is_the_exact_integer_bound():
         for epsilon, bound in zip((0.1, 1 / 3), bounds, strict=True):
             c, t = int(bound[0]), max(total, 1)
             assert c / t >= epsilon and (c - 1) / t < epsilon
+
+
+@pytest.mark.parametrize(("rows", "columns"), [(3, 1), (16, 64), (40, 1), (200, 333), (1200, 4096)])
+def test_shared_counts_are_exact_on_either_kernel(rows, columns):
+    generator = torch.Generator().manual_seed(rows * columns)
+    for density in (0.02, 0.5, 0.98):
+        chosen = torch.rand(rows, columns, generator=generator) < density
+        exact = chosen.double() @ chosen.double().T
+        assert torch.equal(shared_counts(chosen), exact)

@@ -133,7 +133,10 @@ def test_offloaded_layers_record_exactly_what_resident_ones_do(saved_exact_moe, 
         assert torch.equal(dispatched(ids).logits, resident(ids).logits)
 
 
-def test_ablation_refuses_offloaded_weights(saved_exact_moe, small_records, tmp_path):
+def test_interventions_refuse_offloaded_weights(saved_exact_moe, small_records, tmp_path):
+    """Silencing neurons edits weights in place; on an offloaded module the edit would silently not
+    apply (accelerate reloads the weights from its store), so it is refused, naming the site, and
+    the ablation refuses before its long intact pass."""
     from sparcom.ablation import ablation_matrices, zeroed
 
     model, tokenizer = load_model(
@@ -142,11 +145,16 @@ def test_ablation_refuses_offloaded_weights(saved_exact_moe, small_records, tmp_
     snapshot = sparcom.record(_eager(model), tokenizer, small_records, progress=False)
     site = snapshot.sites("ffn")[0]
     neurons = {site: torch.ones_like(snapshot.category_counts[site][0], dtype=torch.bool)}
-    refused = pytest.raises(ValueError, match=r"ablation edits weights in place, but model\..* is offloaded")
-    with refused, zeroed(model, neurons, snapshot.site_kinds):
+    refused = pytest.raises(
+        ValueError, match=rf"intervening on {site} edits weights in place, but .* is offloaded"
+    )
+    with refused, zeroed(model, neurons):
         pass
+    passes = []
+    model.register_forward_pre_hook(lambda *args: passes.append(1))
     with pytest.raises(ValueError, match="is offloaded"):
         ablation_matrices(model, tokenizer, small_records, snapshot, epsilon=0.5)
+    assert not passes  # refused before any forward
 
 
 def test_loading_options_are_checked_before_loading():

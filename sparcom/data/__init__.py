@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -9,6 +10,8 @@ from pathlib import Path
 
 CATEGORIES: tuple[str, ...] = ("classification", "code", "general_qa", "generation", "math", "summarization")
 FIELDS: tuple[str, ...] = ("id", "category", "instruction", "input", "output", "origin")
+# What a user's file must give; load_records fills in the rest (see with_defaults).
+REQUIRED_FIELDS: tuple[str, ...] = ("category", "instruction", "output")
 # Records built from public sources also carry their licence; the shipped file is the project's own.
 OPTIONAL_FIELDS: tuple[str, ...] = ("license",)
 
@@ -51,11 +54,13 @@ def _has_surrogate(text: str) -> bool:
     return False
 
 
-def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Record]], list[DataError]]:
+def read_jsonl(
+    path: str | Path, required: tuple[str, ...] = FIELDS
+) -> tuple[list[tuple[int, Record]], list[DataError]]:
     """Read a JSONL file of records, keeping each record's line number.
 
     Returns the well-formed records and the problems found: bytes that are not UTF-8, lines that
-    are not JSON objects, missing or non-string fields.
+    are not JSON objects, missing ``required`` fields, non-string fields.
     """
     path = Path(path)
     records: list[tuple[int, Record]] = []
@@ -85,7 +90,7 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Record]], list[DataErr
                 DataError(str(path), number, f"expected a JSON object, got {type(record).__name__}")
             )
             continue
-        problems = [f"missing field {name!r}" for name in FIELDS if name not in record]
+        problems = [f"missing field {name!r}" for name in required if name not in record]
         problems += [
             f"field {name!r} must be a string, got {type(record[name]).__name__}"
             for name in FIELDS + OPTIONAL_FIELDS
@@ -106,8 +111,22 @@ def read_jsonl(path: str | Path) -> tuple[list[tuple[int, Record]], list[DataErr
     return records, errors
 
 
+def with_defaults(record: Record) -> Record:
+    """A record with the optional fields filled in: ``input`` "", ``origin`` "user", and an ``id``
+    ``<category>-<hash of instruction, input and output>``. A content hash rather than a line
+    number, so that a record keeps its id when lines are added, removed or reordered, and a
+    snapshot's instruction ids still name the same records after the file is edited."""
+    if all(name in record for name in FIELDS):
+        return record
+    text = "\0".join((record["instruction"], record.get("input", ""), record["output"]))
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+    defaults = {"id": f"{record['category']}-{digest}", "input": "", "origin": "user"}
+    return {name: record.get(name, defaults.get(name)) for name in FIELDS} | record
+
+
 def load_records(path: str | Path | None = None, categories: tuple[str, ...] = CATEGORIES) -> list[Record]:
-    """Load HexaInst-schema records (the shipped HexaInst when ``path`` is None).
+    """Load HexaInst-schema records (the shipped HexaInst when ``path`` is None). A record needs
+    ``category``, ``instruction`` and ``output``; the others get defaults (``with_defaults``).
 
     Raises ``DataFileError`` naming file and line for malformed lines, missing fields, non-UTF-8
     text, unknown categories, and for any requested category that has no records.
@@ -115,7 +134,8 @@ def load_records(path: str | Path | None = None, categories: tuple[str, ...] = C
     path = hexainst_path() if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    numbered, errors = read_jsonl(path)
+    numbered, errors = read_jsonl(path, REQUIRED_FIELDS)
+    numbered = [(number, with_defaults(record)) for number, record in numbered]
     for number, record in numbered:
         if record["category"] not in CATEGORIES:
             errors.append(

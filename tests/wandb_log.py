@@ -1,4 +1,5 @@
-"""Read a W&B run file (``run-*.wandb``) back: the logged history rows, without a W&B server.
+"""Read a W&B run file (``run-*.wandb``) back: the run's config, name, group and tags, and the
+logged history rows, without a W&B server.
 
 The file is a LevelDB-style log: a 7-byte header (``:W&B``, magic 0xBEE1, version 0), then 32 KiB
 blocks of chunks, each with a 7-byte header (CRC32, length, type: full/first/middle/last)
@@ -61,6 +62,28 @@ def history(path: str | Path) -> list[dict]:
                 }
             )
     return rows
+
+
+def run(path: str | Path):
+    """The run's ``RunRecord`` (name, group, tags, config at start)."""
+    for record in records(path):
+        if record.WhichOneof("record_type") == "run":
+            return record.run
+    raise ValueError(f"{path} holds no run record")
+
+
+def config(path: str | Path) -> dict:
+    """The run's config as it ends: the values given at start, then every later update."""
+    values: dict = {}
+    for record in records(path):
+        kind = record.WhichOneof("record_type")
+        if kind in ("run", "config"):
+            update = record.run.config if kind == "run" else record.config
+            for item in update.update:
+                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            for item in update.remove:
+                values.pop(item.key or "/".join(item.nested_key), None)
+    return values
 
 
 def run_file(run_dir: str | Path) -> Path:

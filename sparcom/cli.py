@@ -1,0 +1,189 @@
+"""What train.py and analyze.py share around Hydra: a run folder per launch, every job's config
+checked before Hydra creates a folder or anything heavy is imported, and bad input reported on
+one line with exit status 2 (``HYDRA_FULL_ERROR=1`` shows the traceback instead)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import hashlib
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from omegaconf import OmegaConf, open_dict, read_write
+
+from sparcom.config import AnalyzeConfig, TrainConfig, register, to_object
+from sparcom.config_check import ConfigError, check_run_dir
+from sparcom.config_errors import one_line
+from sparcom.training import Launch
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+STAMP = "SPARCOM_RUN_STAMP"  # the launch's folder name, shared by every rank of a job
+SWEPT = "SPARCOM_SWEPT"  # the keys a multirun sweeps, for its jobs' W&B names
+
+
+def run_stamp() -> str:
+    """``<launch time>_<hash>``: one folder name per launch, the same on every rank of a job.
+
+    Ranks started by torchrun, accelerate launch or the deepspeed launcher share one parent, the
+    launcher, so its start time and a short hash of (host, boot, launcher pid, launcher start
+    ticks) name the run; a single process uses its own. Launches in the same second differ in
+    their pid (on one host) or their host, so their folders never collide.
+    """
+    launcher = os.getppid() if "LOCAL_RANK" in os.environ else os.getpid()
+    try:
+        with open(f"/proc/{launcher}/stat") as stat:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as boot:
+            booted = next(int(line.split()[1]) for line in boot if line.startswith("btime"))
+        with open("/proc/sys/kernel/random/boot_id") as boot_id:
+            boot = boot_id.read().strip()
+        started = booted + ticks / os.sysconf("SC_CLK_TCK")
+    except OSError:  # no /proc (macOS): the launcher's identity is this process's start
+        started, ticks, boot = time.time(), time.time_ns(), ""
+    identity = f"{socket.gethostname()}|{boot}|{launcher}|{ticks}"
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:6]
+    return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started)) + "_" + digest
+
+
+def analysis_dir(run: str | None, out: str | None, stamp: str) -> str:
+    """Where analyze.py writes: ``out``, else ``<run>/analysis``, else ``analysis/<launch stamp>``."""
+    if out not in (None, "None", "null"):
+        return str(out)
+    if run not in (None, "None", "null"):
+        return str(Path(run) / "analysis")
+    return f"analysis/{stamp}"
+
+
+def prepare(config_name: str, argv: list[str] | None = None) -> None:
+    """Everything an entry point does before ``@hydra.main``: name the launch, register the schemas,
+    and check the config of every job (a multirun's too) so that a bad launch exits at once, with
+    one line and no run folder. Hydra's informational flags (--help, --cfg, ...) pass through."""
+    os.environ.setdefault(STAMP, run_stamp())
+    register()
+    OmegaConf.register_new_resolver("analysis_dir", analysis_dir, replace=True)
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return
+    with reported():
+        jobs = job_overrides(args.overrides, args.multirun)
+        for number, overrides in enumerate(jobs):
+            checked(args.config_name or config_name, overrides, number, args.multirun)
+
+
+def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """Each job's overrides: one job, or every job of a sweep (as Hydra's basic sweeper splits it)."""
+    if not multirun:
+        return [list(overrides)]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # a syntax error: Hydra's message names the override
+        raise ConfigError(" ".join(str(err).split())) from err
+    os.environ[SWEPT] = ",".join(o.get_key_element() for o in parsed if o.is_sweep_override())
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def compose(config_name: str, overrides: Sequence[str] = ()) -> TrainConfig | AnalyzeConfig:
+    """The typed, checked config that ``python <config_name>.py <overrides>`` runs with (one job)."""
+    return _composed(config_name, overrides, with_hydra=False)[0]
+
+
+def checked(config_name: str, overrides: Sequence[str], number: int = 0, multirun: bool = False):
+    """One job's config composed as Hydra will compose it, converted and checked, and its run folder
+    checked (on the main rank: the others start while it writes into the folder)."""
+    typed, hydra = _composed(config_name, overrides, with_hydra=True)
+    if isinstance(typed, TrainConfig) and int(os.environ.get("RANK", "0")) == 0:
+        if multirun:
+            with read_write(hydra):
+                hydra.job.num = number
+            check_run_dir(Path(hydra.sweep.dir) / str(hydra.sweep.subdir), typed.resume, "hydra.sweep.dir")
+        else:
+            check_run_dir(Path(hydra.run.dir), typed.resume)
+    return typed
+
+
+def _composed(config_name: str, overrides: Sequence[str], with_hydra: bool):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register()
+    try:
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            cfg = hydra_compose(config_name, list(overrides), return_hydra_config=with_hydra)
+    except Exception as err:  # Hydra's composition errors span lines; one line, with a suggestion
+        raise one_line(err) from err
+    if not with_hydra:
+        return to_object(cfg), None
+    job = copy.deepcopy(cfg)
+    with open_dict(job):
+        del job["hydra"]  # to_object resolves every key, and some of Hydra's resolve only in a job
+    return to_object(job), cfg.hydra
+
+
+@contextlib.contextmanager
+def reported() -> Iterator[None]:
+    """Bad input ends the program with its message on stderr and exit status 2, no traceback."""
+    try:
+        yield
+    except Exception as err:
+        if not _bad_input(err) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _bad_input(err: Exception) -> bool:
+    from sparcom.data import DataFileError
+
+    kinds: tuple[type, ...] = (ConfigError, DataFileError)
+    snapshot = sys.modules.get("sparcom.snapshot")  # loaded whenever a SnapshotError can exist
+    if snapshot is not None:
+        kinds += (snapshot.SnapshotError,)
+    return isinstance(err, kinds)
+
+
+def exits_on_bad_input(task):
+    """``reported()`` around a Hydra task function."""
+
+    @functools.wraps(task)
+    def wrapper(*args, **kwargs):
+        with reported():
+            return task(*args, **kwargs)
+
+    return wrapper
+
+
+def run_dir() -> Path:
+    """The current Hydra job's output folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def launch() -> Launch:
+    """The current Hydra job's command line, for its W&B record: a sweep is the group, and a
+    sweep job is named by its swept overrides (``learning_rate=3e-05``)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra = HydraConfig.get()
+    overrides = list(hydra.overrides.task)
+    choices = {k: str(v) for k, v in hydra.runtime.choices.items() if not k.startswith("hydra") and v}
+    if hydra.mode != RunMode.MULTIRUN:
+        return Launch(overrides, choices)
+    values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
+    swept = [k for k in os.environ.get(SWEPT, "").split(",") if k in values]
+    short = [k.rsplit(".", 1)[-1] for k in swept]
+    labels = [s if short.count(s) == 1 else k for s, k in zip(short, swept, strict=True)]
+    name = ",".join(f"{label}={values[k]}" for label, k in zip(labels, swept, strict=True))
+    return Launch(overrides, choices, group=Path(hydra.sweep.dir).name, name=name or f"job-{hydra.job.num}")

@@ -1,0 +1,179 @@
+"""How far a number can be trusted: chance levels, bootstrap intervals and layer-phase tests.
+
+Pure math: tensors and numbers in, small frozen results out (no snapshots, no I/O). The passes
+over snapshots that feed these live in ``sparcom.resampling``; the permutation tests on pairwise
+similarity matrices in ``sparcom.permutation``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.fft import irfft, next_fast_len, rfft
+
+# Probability mass each site's intersection distribution may leave out of its window: the chance
+# level is exact to (number of sites) * this.
+_TAIL_MASS = 1e-15
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A closed interval ``[lo, hi]`` (nan, nan when no resample gave a finite value)."""
+
+    lo: float
+    hi: float
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A statistic on the full sample (``value``) and its 95% percentile bootstrap interval."""
+
+    value: float
+    ci95: Interval
+
+
+@dataclass(frozen=True)
+class PhaseTest:
+    """The three-phase test of one layer profile.
+
+    Attributes:
+        three_phase: the middle third's mean is below both others (``margin > 0``) and the 95%
+            interval of the margin lies above 0.
+        margin: ``min(early, late) - middle`` of the per-layer means on the full sample.
+        ci95: percentile bootstrap interval of the margin.
+    """
+
+    three_phase: bool
+    margin: float
+    ci95: Interval
+
+
+# ------------------------------------------------------------------------------- chance level
+
+
+def expected_jaccard(sizes_a: Sequence[int], sizes_b: Sequence[int], widths: Sequence[int]) -> float:
+    """The chance level of a Jaccard: the expected Jaccard of two sets drawn uniformly at random within
+    each site, with per-site sizes ``sizes_a[s]`` and ``sizes_b[s]`` out of ``widths[s]`` neurons
+    (sequences or tensors, all ``[S]``).
+
+    The intersection is a sum of independent hypergeometric variables, one per site; their exact
+    distributions are convolved and ``E[I / (|A| + |B| - I)]`` is taken over the result. Each
+    site's distribution is cut to a window outside which Hoeffding's bound for sampling without
+    replacement leaves at most 1e-15 of its mass; with the FFT's round-off the value is exact to
+    about 1e-12. A call at the shape of Qwen1.5-MoE-A2.7B (48 sites) takes about 20 ms.
+    Two empty sets have Jaccard 1 (as ``sparcom.metrics.jaccard``).
+    """
+    a, b, n = (np.asarray(v, dtype=np.int64).reshape(-1) for v in (sizes_a, sizes_b, widths))
+    if not a.shape == b.shape == n.shape:
+        raise ValueError(f"one size per site expected, got {a.size}, {b.size} and {n.size} values")
+    if (a < 0).any() or (b < 0).any() or (a > n).any() or (b > n).any():
+        bad = int(np.flatnonzero((a < 0) | (b < 0) | (a > n) | (b > n))[0])
+        raise ValueError(
+            f"set sizes must lie in [0, site size]: site {bad} has sizes {a[bad]} and {b[bad]} of {n[bad]}"
+        )
+    total = int(a.sum() + b.sum())
+    if total == 0:
+        return 1.0
+    windows, expected, spread = [], 0.0, 0
+    for size_a, size_b, size in zip(a.tolist(), b.tolist(), n.tolist(), strict=True):
+        mean, reach = size_a * size_b / max(size, 1), _reach(min(size_a, size_b))
+        low = max(0, size_a + size_b - size, math.floor(mean - reach))
+        high = min(size_a, size_b, math.ceil(mean + reach))
+        windows.append((low, _hypergeometric_window(low, high, size_a, size_b, size)))
+        expected, spread = expected + mean, spread + min(size_a, size_b)
+    # The sum is as concentrated as its terms together (Hoeffding again), a far narrower window than
+    # the terms' windows added up: convolve modulo a period that covers it, so the mass outside it
+    # (at most the tail bound) is all that can alias into it.
+    first = max(sum(low for low, _ in windows), math.floor(expected - _reach(spread)))
+    last = min(sum(low + len(w) - 1 for low, w in windows), math.ceil(expected + _reach(spread)))
+    period = next_fast_len(last - first + 1, real=True)
+    spectrum = np.ones(period // 2 + 1, dtype=np.complex128)
+    for low, window in windows:
+        if len(window) > 1 or low % period:
+            positions = (low + np.arange(len(window))) % period
+            spectrum *= rfft(np.bincount(positions, weights=window, minlength=period), period)
+    intersection = np.arange(first, last + 1)
+    distribution = np.clip(irfft(spectrum, period)[intersection % period], 0, None)  # round-off dips below 0
+    return float(np.sum(distribution * intersection / (total - intersection)) / distribution.sum())
+
+
+def _reach(draws: int) -> float:
+    """Distance from the mean beyond which a sum of ``draws`` draws without replacement (or several
+    independent such sums with ``draws`` in all) has at most ``_TAIL_MASS`` of its mass (Hoeffding)."""
+    return math.sqrt(draws * math.log(2 / _TAIL_MASS) / 2)
+
+
+def _hypergeometric_window(low: int, high: int, size_a: int, size_b: int, size: int) -> np.ndarray:
+    """``P(I = k)`` for ``k`` in ``[low, high]``, normalised over the window, from the ratio
+    ``P(k + 1) / P(k) = (a - k)(b - k) / ((k + 1)(n - a - b + k + 1))`` summed in log space: no
+    special functions, so a 48-site model takes milliseconds, and accurate to ~1e-13 relative."""
+    k = np.arange(low, high, dtype=np.float64)
+    log_ratio = np.log((size_a - k) * (size_b - k)) - np.log((k + 1) * (size - size_a - size_b + k + 1))
+    log_pmf = np.concatenate([[0.0], np.cumsum(log_ratio)])
+    pmf = np.exp(log_pmf - log_pmf.max())
+    return pmf / pmf.sum()
+
+
+# ------------------------------------------------------------------------ resample statistics
+
+
+def jaccard_from_sizes(
+    intersection: torch.Tensor, size_a: torch.Tensor, size_b: torch.Tensor
+) -> torch.Tensor:
+    """Elementwise ``I / (|A| + |B| - I)`` in float64; 1 where both sets are empty."""
+    union = (size_a + size_b - intersection).double()
+    return torch.where(union > 0, intersection.double() / union.clamp(min=1), 1.0)
+
+
+def pearson_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[R, n]``, ``[R, n]`` -> ``[R]`` Pearson correlation of each row pair; nan where a row is constant."""
+    x = x.double() - x.double().mean(1, keepdim=True)
+    y = y.double() - y.double().mean(1, keepdim=True)
+    denominator = torch.sqrt((x * x).sum(1) * (y * y).sum(1))
+    return torch.where(denominator > 0, (x * y).sum(1) / denominator, math.nan)
+
+
+def percentile_interval(draws: torch.Tensor, level: float = 0.95) -> Interval:
+    """Equal-tailed percentile interval of ``[R]`` resampled values (nan resamples are left out)."""
+    finite = draws.double()[~torch.isnan(draws.double())]
+    if finite.numel() == 0:
+        return Interval(math.nan, math.nan)
+    tails = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)
+    low, high = torch.quantile(finite, tails).tolist()
+    return Interval(low, high)
+
+
+def estimate(values: torch.Tensor) -> Estimate:
+    """``[1 + R]`` values, the full sample first and then its resamples -> ``Estimate``."""
+    return Estimate(float(values[0]), percentile_interval(values[1:]))
+
+
+# ------------------------------------------------------------------------------ layer phases
+
+
+def layer_thirds(num_layers: int) -> tuple[range, range, range]:
+    """Early, middle and late layers. Early and late get ``round(L / 3)`` layers each and the middle
+    the rest, so the split is symmetric when ``L`` is not divisible by 3 (4 -> 1, 2, 1; 5 -> 2, 1, 2;
+    28 -> 9, 10, 9; 32 -> 11, 10, 11)."""
+    if num_layers < 3:
+        raise ValueError(f"a three-phase profile needs at least 3 layers, got {num_layers}")
+    edge = round(num_layers / 3)
+    return range(edge), range(edge, num_layers - edge), range(num_layers - edge, num_layers)
+
+
+def phase_margin(profiles: torch.Tensor) -> torch.Tensor:
+    """``[R, L]`` ISN counts per layer -> ``[R]`` ``min(mean early, mean late) - mean middle``."""
+    early, middle, late = (
+        profiles[:, list(part)].double().mean(1) for part in layer_thirds(profiles.shape[1])
+    )
+    return torch.minimum(early, late) - middle
+
+
+def phase_test(profiles: torch.Tensor) -> PhaseTest:
+    """``[1 + R, L]`` layer profiles, the full sample first and then its resamples -> ``PhaseTest``."""
+    margins = estimate(phase_margin(profiles))
+    return PhaseTest(margins.value > 0 and margins.ci95.lo > 0, margins.value, margins.ci95)

@@ -1,0 +1,265 @@
+"""Steering: scale each category's ISNs and measure the response loss on every category, against
+random-neuron controls with the same per-site counts, scaled alike.
+
+The one measurement behind both steering (a dose-response over scales) and the causal check of
+``sparcom.ablation`` (scale 0): ``loss_changes``. Each control is a distribution: ``control_draws``
+seeded random sets per steered category, the same sets at every scale, so a control curve is as
+smooth as the ISN curve it is compared with.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+from sparcom.conversation import encode
+from sparcom.data import Record
+from sparcom.intervention import check_editable, check_neurons, intervene, neuron_sites, random_sets
+from sparcom.probe import length_bucketed, pad_batch
+from sparcom.recorder import inference_mode
+from sparcom.select import NeuronSet, category_isn
+from sparcom.snapshot import Snapshot
+
+DEFAULT_SCALES = (0.0, 0.5, 1.5, 2.0, 3.0)
+COLUMNS = ("steered", "evaluated", "scale", "loss_delta", "control_mean", "control_sd")
+
+
+class ResponseLoss:
+    """Mean next-token cross-entropy on each category's response tokens over fixed records:
+    tokenised and batched once, evaluated as often as the model is changed."""
+
+    def __init__(
+        self,
+        tokenizer,
+        records: Sequence[Record],
+        categories: Sequence[str],
+        batch_size: int = 8,
+        max_length: int | None = None,
+    ):
+        if not records:
+            raise ValueError("no records to measure the response loss on")
+        unknown = sorted({r["category"] for r in records} - set(categories))
+        if unknown:
+            raise ValueError(f"records of categories {unknown}; expected only {list(categories)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        self.categories = list(categories)
+        encoded = [encode(r, tokenizer, max_length) for r in records]
+        category_of = torch.tensor([self.categories.index(r["category"]) for r in records])
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        scored = {r["category"] for r, e in zip(records, encoded, strict=True) if e.response_mask[1:].any()}
+        silent = [c for c in self.categories if c not in scored]
+        if silent:
+            raise ValueError(
+                f"no response tokens to score for categories {silent} (no records of them, or "
+                f"max_length={max_length} cuts the responses off)"
+            )
+        self.batches = []
+        for batch in length_bucketed([len(e.input_ids) for e in encoded], batch_size):
+            ids, attention, scope = pad_batch([encoded[i] for i in batch], "response", pad_id)
+            self.batches.append((ids, attention, scope[:, 1:], category_of[batch]))
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        """``[C]`` float64 loss per category (0 for a category without response tokens)."""
+        total = torch.zeros(len(self.categories), dtype=torch.float64)
+        tokens = torch.zeros(len(self.categories), dtype=torch.float64)
+        device = next(model.parameters()).device
+        with inference_mode(model):
+            for ids, attention, mask, rows in self.batches:
+                logits = model(
+                    input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False
+                ).logits
+                log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+                nll = -log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, L-1]: token t from t-1
+                total.index_add_(0, rows, (nll * mask).sum(1).double())
+                tokens.index_add_(0, rows, mask.sum(1).double())
+        return total / tokens.clamp(min=1)
+
+
+@dataclass(frozen=True)
+class LossChanges:
+    """Response-loss changes under scaled neurons.
+
+    Attributes:
+        steered: the neuron sets' names (rows), e.g. categories whose ISNs are scaled.
+        evaluated: the categories the loss is measured on (columns).
+        scales: the scales applied.
+        intact: ``[C]`` loss of the unchanged model.
+        delta: ``[S, R, C]`` loss with set ``r`` scaled by ``scales[s]``, minus ``intact``.
+        control: ``[S, D, R, C]`` the same for each of ``D`` random sets with set ``r``'s per-site counts.
+        neurons: the size of each set.
+    """
+
+    steered: list[str]
+    evaluated: list[str]
+    scales: list[float]
+    intact: torch.Tensor
+    delta: torch.Tensor
+    control: torch.Tensor
+    neurons: list[int]
+
+
+def check_scales(scales: Sequence[float]) -> list[float]:
+    bad = [s for s in scales if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s)]
+    if not scales or bad:
+        raise ValueError(f"scales must be a non-empty list of finite numbers, got {list(scales)!r}")
+    return [float(s) for s in scales]
+
+
+def loss_changes(
+    model: nn.Module,
+    loss: ResponseLoss,
+    neuron_sets: dict[str, NeuronSet],
+    scales: Sequence[float],
+    control_draws: int = 10,
+    seed: int = 0,
+) -> LossChanges:
+    """Scale each set, and each of its random controls, by every scale; measure the loss change.
+
+    Costs ``1 + len(neuron_sets) * len(scales) * (1 + control_draws)`` passes of ``loss``.
+    """
+    scales = check_scales(scales)
+    sites = neuron_sites(model)
+    for neurons in neuron_sets.values():
+        check_neurons(neurons, sites)
+        check_editable(model, neurons)  # before the intact pass, not after it
+    generator = torch.Generator().manual_seed(seed)
+    draws = {name: random_sets(neurons, control_draws, generator) for name, neurons in neuron_sets.items()}
+    intact = loss(model)
+    rows, columns = len(neuron_sets), len(loss.categories)
+    delta = torch.zeros(len(scales), rows, columns, dtype=torch.float64)
+    control = torch.zeros(len(scales), control_draws, rows, columns, dtype=torch.float64)
+    for row, (name, neurons) in enumerate(neuron_sets.items()):
+        for index, scale in enumerate(scales):
+            with intervene(model, neurons, scale):
+                delta[index, row] = loss(model) - intact
+            for draw, random_set in enumerate(draws[name]):
+                with intervene(model, random_set, scale):
+                    control[index, draw, row] = loss(model) - intact
+    sizes = [int(sum(int(chosen.sum()) for chosen in s.values())) for s in neuron_sets.values()]
+    return LossChanges(list(neuron_sets), list(loss.categories), scales, intact, delta, control, sizes)
+
+
+def held_out(records: Sequence[Record], snapshot: Snapshot, per_category: int, seed: int = 0) -> list[Record]:
+    """A seeded sample of ``per_category`` records of each of the snapshot's categories that the
+    snapshot did not see; where a category has fewer unseen records, the sample is taken from all."""
+    seen = set(snapshot.instruction_ids)
+    rng = random.Random(seed)
+    chosen: list[Record] = []
+    for category in snapshot.categories:
+        pool = [r for r in records if r["category"] == category]
+        unseen = [r for r in pool if r["id"] not in seen]
+        pool = unseen if len(unseen) >= per_category else pool
+        if not pool:
+            raise ValueError(f"no records of category {category!r} to measure the loss on")
+        chosen += rng.sample(pool, min(per_category, len(pool)))
+    return chosen
+
+
+def dose_response(
+    model: nn.Module,
+    tokenizer,
+    records: Sequence[Record],
+    snapshot: Snapshot,
+    epsilon: float,
+    selection_mode: str = "threshold",
+    scales: Sequence[float] = DEFAULT_SCALES,
+    control_draws: int = 10,
+    seed: int = 0,
+    batch_size: int = 8,
+    max_length: int | None = None,
+) -> list[dict]:
+    """For each category's ISNs (selected from ``snapshot``) and each scale, the loss change on every
+    category's ``records`` (held-out instructions: see ``held_out``), with the random-neuron control's
+    mean and standard deviation over ``control_draws`` draws. Rows have the keys of ``COLUMNS``."""
+    scales = check_scales(scales)
+    sets = {c: category_isn(snapshot, c, epsilon, selection_mode) for c in snapshot.categories}
+    loss = ResponseLoss(tokenizer, records, snapshot.categories, batch_size, max_length)
+    return dose_response_rows(loss_changes(model, loss, sets, scales, control_draws, seed))
+
+
+def dose_response_rows(changes: LossChanges) -> list[dict]:
+    """One row per (steered, evaluated, scale), in that order."""
+    mean, sd = changes.control.mean(1), changes.control.std(1)  # over draws: [S, R, C]
+    return [
+        {
+            "steered": steered,
+            "evaluated": evaluated,
+            "scale": scale,
+            "loss_delta": float(changes.delta[s, r, c]),
+            "control_mean": float(mean[s, r, c]),
+            "control_sd": float(sd[s, r, c]),
+        }
+        for r, steered in enumerate(changes.steered)
+        for c, evaluated in enumerate(changes.evaluated)
+        for s, scale in enumerate(changes.scales)
+    ]
+
+
+def write_dose_response(rows: list[dict], folder: str | Path) -> dict:
+    """Write ``<folder>/dose_response.csv`` and ``<folder>/figures/dose_response_<category>.png``
+    (one per steered category); returns ``{"table": path, "figures": {category: path}}``."""
+    folder = Path(folder)
+    (folder / "figures").mkdir(parents=True, exist_ok=True)
+    table = folder / "dose_response.csv"
+    with open(table, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    steered = list(dict.fromkeys(row["steered"] for row in rows))
+    figures = {
+        name: dose_response_figure(rows, name, folder / "figures" / f"dose_response_{name}.png")
+        for name in steered
+    }
+    return {"table": table, "figures": figures}
+
+
+def dose_response_figure(rows: list[dict], steered: str, path: str | Path) -> Path:
+    """Loss change against scale when ``steered``'s ISNs are scaled: one solid line per evaluated
+    category, its random-neuron control dashed in the same colour with a band of one control SD."""
+    figure = Figure(figsize=(6.8, 4.4), dpi=120)
+    axes = figure.subplots()
+    mine = [row for row in rows if row["steered"] == steered]
+    for index, evaluated in enumerate(dict.fromkeys(row["evaluated"] for row in mine)):
+        curve = sorted((row for row in mine if row["evaluated"] == evaluated), key=lambda row: row["scale"])
+        scales = [row["scale"] for row in curve]
+        mean = [row["control_mean"] for row in curve]
+        sd = [row["control_sd"] for row in curve]
+        colour = f"C{index}"
+        bold = 2.2 if evaluated == steered else 1.2
+        axes.plot(
+            scales,
+            [row["loss_delta"] for row in curve],
+            marker="o",
+            markersize=3,
+            color=colour,
+            linewidth=bold,
+            label=evaluated,
+        )
+        axes.plot(scales, mean, linestyle="--", linewidth=0.9, color=colour)
+        axes.fill_between(
+            scales,
+            [m - s for m, s in zip(mean, sd, strict=True)],
+            [m + s for m, s in zip(mean, sd, strict=True)],
+            color=colour,
+            alpha=0.12,
+            linewidth=0,
+        )
+    axes.axhline(0, color="black", linewidth=0.6)
+    axes.axvline(1, color="grey", linewidth=0.6, linestyle=":")
+    axes.set_title(f"Scaling the {steered} ISNs (dashed: random neurons, band: 1 SD)")
+    axes.set_xlabel("scale of the neurons' activations (1 = unchanged)")
+    axes.set_ylabel("response-loss change (nats/token)")
+    axes.grid(alpha=0.3)
+    axes.legend(title="evaluated on", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    return Path(path)

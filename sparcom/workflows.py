@@ -1,0 +1,233 @@
+"""What analyze.py does, as plain functions: read a run folder, get snapshots (from files, or by
+recording models), compare them, and write the report. No Hydra here: every setting is an argument."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from sparcom import report
+from sparcom.analysis import token_similarity
+from sparcom.comparison import Statistics, compare
+from sparcom.data import Record
+from sparcom.drift import read_drift
+from sparcom.snapshot import Snapshot, SnapshotError, snapshot_series
+
+REPORT = "report.html"
+
+# Training settings worth a place in a report's header, by their trainer.args name.
+RUN_SETTINGS = (
+    "learning_rate",
+    "max_steps",
+    "num_train_epochs",
+    "per_device_train_batch_size",
+    "lr_scheduler_type",
+)
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A train.py run folder: its snapshot series, its model and last checkpoint, its settings."""
+
+    path: Path
+    series: dict[int, Path]
+    model: dict  # name_or_path, dtype, chat_template_from of the model it started from
+    final_model: dict  # the same for its last checkpoint (the model itself when there is none)
+    settings: dict  # learning rate, steps, trainer kind, ...
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def drift(self):
+        return read_drift(self.path / "snapshots" / "drift.jsonl")
+
+
+def read_run(path: str | Path) -> RunFolder:
+    """Read a run folder written by train.py; a folder without snapshots is refused by name."""
+    path = Path(path)
+    series = snapshot_series(path / "snapshots")
+    if not series:
+        raise SnapshotError(f"no snapshots in {path / 'snapshots'}; is {path} a train.py run folder?")
+    config = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
+    model = config.get("model") or {"name_or_path": Snapshot.load(series[min(series)]).meta["model"]}
+    checkpoints = sorted(path.glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    final_model = {**model, "name_or_path": str(checkpoints[-1])} if checkpoints else model
+    args = (config.get("trainer") or {}).get("args") or {}
+    settings = {k: args[k] for k in RUN_SETTINGS if args.get(k) not in (None, -1)}
+    kind = (config.get("trainer") or {}).get("kind") or (
+        "lora" if (config.get("trainer") or {}).get("peft") else None
+    )
+    if kind:
+        settings["trainer"] = kind
+    return RunFolder(path, series, model, final_model, settings)
+
+
+def load_for_analysis(spec: dict, dtype: str | None = None):
+    """``(model, tokenizer)`` of a model spec, on the GPU when there is one. ``dtype`` (the
+    command line's) wins over the spec's; with neither, bfloat16 on a GPU and float32 on CPU."""
+    import torch
+
+    from sparcom.models import load_model
+
+    dtype = dtype or spec.get("dtype") or ("bfloat16" if torch.cuda.is_available() else "float32")
+    model, tokenizer = load_model(spec["name_or_path"], dtype, spec.get("chat_template_from"))
+    return (model.cuda() if torch.cuda.is_available() else model), tokenizer
+
+
+def tokenizer_for(spec: dict | None, snapshot: Snapshot):
+    """The tokenizer a snapshot was recorded with: its model spec's, or its recorded model's."""
+    from sparcom.models import load_tokenizer
+
+    if spec is None:
+        return load_tokenizer(snapshot.meta["model"])
+    return load_tokenizer(spec["name_or_path"], spec.get("chat_template_from"))
+
+
+def record_model(
+    spec: dict,
+    records: list[Record],
+    *,
+    per_category: int,
+    seed: int,
+    token_scope: str,
+    batch_size: int,
+    per_instruction: bool,
+    dtype: str | None = None,
+) -> Snapshot:
+    """Record a model (a spec as ``load_for_analysis`` takes) on the seeded probe set."""
+    from sparcom.probe import record
+    from sparcom.training import probe_set
+
+    model, tokenizer = load_for_analysis(spec, dtype)
+    probe = probe_set(records, per_category, seed)
+    return record(
+        model,
+        tokenizer,
+        probe,
+        token_scope=token_scope,
+        batch_size=batch_size,
+        per_instruction=per_instruction,
+    )
+
+
+def write_comparison(
+    out: Path,
+    base: Snapshot,
+    tuned: Snapshot,
+    labels: tuple[str, str],
+    *,
+    records: list[Record],
+    tokenizer,
+    tokenizer_missing: str | None = None,
+    epsilons: list[float],
+    selection_mode: str,
+    overlap_epsilon: float,
+    sweep_epsilons: list[float],
+    statistics: Statistics | None = None,
+    drift=None,
+    run_settings: dict | None = None,
+) -> Path:
+    """Compare two snapshots (with intervals and tests unless ``statistics`` is None) and write
+    the report folder; returns the report page."""
+    by_id = {r["id"]: r for r in records}
+    tokens = None
+    if tuned.per_instruction and tokenizer is not None and all(i in by_id for i in base.instruction_ids):
+        tokens = token_similarity(base, by_id, tokenizer)
+    comparison = compare(
+        base,
+        tuned,
+        labels=labels,
+        epsilons=epsilons,
+        selection_mode=selection_mode,
+        overlap_epsilon=overlap_epsilon,
+        sweep_epsilons=sweep_epsilons,
+        statistics=statistics,
+        token_similarity=tokens,
+        drift=drift,
+        run=run_settings,
+    )
+    if tokenizer is None and tokenizer_missing:
+        comparison.notes["token_control"] = tokenizer_missing
+    return report.write_comparison(comparison, out)
+
+
+def write_ablation(
+    out: Path,
+    model_spec: dict,
+    snapshot: Snapshot,
+    records: list[Record],
+    *,
+    epsilon: float,
+    selection_mode: str,
+    per_category: int,
+    seed: int,
+    batch_size: int,
+    control_draws: int,
+    dtype: str | None = None,
+) -> Path:
+    """Zero each category's ISNs (selected on ``snapshot``) and, as the null, as many random
+    neurons from the same sites ``control_draws`` times; measure the response loss on held-out
+    instructions of every category and write the report folder; returns its page."""
+    from sparcom.ablation import ablation_matrices
+    from sparcom.steer import held_out
+
+    model, tokenizer = load_for_analysis(model_spec, dtype)
+    evaluated = held_out(records, snapshot, per_category, seed)
+    result = ablation_matrices(
+        model, tokenizer, evaluated, snapshot, epsilon, selection_mode, seed, batch_size, control_draws
+    )
+    return report.write_ablation(
+        result,
+        snapshot.categories,
+        out,
+        model=model_spec["name_or_path"],
+        epsilon=epsilon,
+        held_out=all(r["id"] not in set(snapshot.instruction_ids) for r in evaluated),
+    )
+
+
+def write_steering(
+    out: Path,
+    model_spec: dict,
+    snapshot: Snapshot,
+    records: list[Record],
+    *,
+    scales: list[float],
+    epsilon: float,
+    selection_mode: str,
+    per_category: int,
+    seed: int,
+    batch_size: int,
+    control_draws: int,
+    dtype: str | None = None,
+) -> Path:
+    """Scale each category's ISNs by each factor and measure the response-loss change on held-out
+    instructions of every category, against random neurons of the same per-site counts."""
+    from sparcom.steer import dose_response, held_out, write_dose_response
+
+    model, tokenizer = load_for_analysis(model_spec, dtype)
+    evaluated = held_out(records, snapshot, per_category, seed)
+    rows = dose_response(
+        model,
+        tokenizer,
+        evaluated,
+        snapshot,
+        epsilon,
+        selection_mode,
+        scales,
+        control_draws,
+        seed,
+        batch_size,
+    )
+    written = write_dose_response(rows, out)
+    return report.write_steering(
+        rows,
+        written["figures"],
+        out,
+        model=model_spec["name_or_path"],
+        epsilon=epsilon,
+        control_draws=control_draws,
+    )
