@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sparcom.models import check_resident
 from sparcom.select import NEURON_KINDS, NeuronSet
 from sparcom.sites import find_sites, neuron_weights, unwrap
 
@@ -42,6 +43,13 @@ def check_neurons(neurons: NeuronSet, sites: dict[str, tuple[str, tuple[int, ...
             )
 
 
+def check_editable(model: nn.Module, sites) -> None:
+    """Refuse sites whose weights accelerate keeps offloaded: an edit in place would not apply."""
+    modules = dict(unwrap(model).named_modules())
+    for site in sites:
+        check_resident(modules[site], f"intervening on {site}")
+
+
 @contextlib.contextmanager
 def intervene(model: nn.Module, neurons: NeuronSet, scale: float) -> Iterator[None]:
     """Multiply the activations of ``neurons`` by ``scale`` inside the block (0 silences them).
@@ -60,6 +68,7 @@ def intervene(model: nn.Module, neurons: NeuronSet, scale: float) -> Iterator[No
         raise ValueError(f"scale must be a finite number (0 silences, 1 leaves as is), got {scale!r}")
     sites = neuron_sites(model)
     check_neurons(neurons, sites)
+    check_editable(model, neurons)
     modules = dict(unwrap(model).named_modules())
     saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     try:

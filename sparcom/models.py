@@ -115,18 +115,40 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     chat_template_from: str | None = None,
     seed: int = 0,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | Path | None = None,
     **tiny_overrides,
 ):
     """Load ``(model, tokenizer)`` from a tiny preset name, a local directory or a hub id.
 
     ``chat_template_from``: where a base model's tokenizer has no chat template, borrow the one of
     this tokenizer (its instruct sibling), so base and tuned models see identical prompts.
+
+    Models bigger than one device: ``device_map`` ("auto", or module -> device, "cpu" or "disk"),
+    ``max_memory`` (device -> bytes or "20GiB") and ``offload_folder`` go to ``from_pretrained``
+    (accelerate's dispatch). Recording works on any placement, offloaded layers included; editing
+    weights in place (``sparcom.intervene``, ablation, steering) refuses offloaded ones
+    (``check_resident``). A tiny preset takes
+    only a single device (``device_map="cuda"``): save it with ``save_pretrained`` to dispatch it.
     """
     from transformers import AutoModelForCausalLM
 
+    placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
+    placement = {key: value for key, value in placement.items() if value is not None}
+    if placement and "device_map" not in placement:
+        raise ValueError(
+            f"{' and '.join(sorted(placement))} need a device_map (e.g. device_map='auto'); got none"
+        )
     if name_or_path in TINY_PRESETS:
+        if set(placement) - {"device_map"} or isinstance(device_map, dict) or device_map == "auto":
+            raise ValueError(
+                f"tiny preset {name_or_path!r} takes a single device (device_map='cpu' or 'cuda'), not "
+                f"{placement}; save it with save_pretrained and load the folder to dispatch or offload it"
+            )
         model, tokenizer = build_tiny(name_or_path, seed=seed, **tiny_overrides)
-        return (model.to(_dtype(dtype)) if dtype else model), tokenizer
+        model = model.to(_dtype(dtype)) if dtype else model
+        return (model.to(device_map) if device_map else model), tokenizer
     if tiny_overrides:
         raise ValueError(
             f"config overrides {sorted(tiny_overrides)} apply to tiny presets only, not {name_or_path!r}"
@@ -136,8 +158,23 @@ def load_model(
     tokenizer = load_tokenizer(name_or_path, chat_template_from)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=_dtype(dtype) if dtype else "auto")
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path, dtype=_dtype(dtype) if dtype else "auto", **placement
+    )
     return model.eval(), tokenizer
+
+
+def check_resident(model: torch.nn.Module, purpose: str) -> None:
+    """Refuse to edit weights in place when some are offloaded. accelerate keeps an offloaded
+    module's weights on "meta" between forwards and reloads them from its offload store (the
+    offload folder, or CPU memory beside a GPU) on every call, so an edit would silently not apply."""
+    for name, parameter in model.named_parameters():
+        if parameter.device.type == "meta":
+            raise ValueError(
+                f"{purpose} edits weights in place, but {name} is offloaded (device_map put it on 'disk', "
+                "or on 'cpu' beside a GPU), where edits do not apply; load the model with a device_map "
+                "that keeps every layer on a device"
+            )
 
 
 def load_tokenizer(name_or_path: str, chat_template_from: str | None = None):

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from sparcom import __version__
 from sparcom.conversation import TOKEN_SCOPES, Encoded, encode
 from sparcom.data import CATEGORIES, Record
+from sparcom.host_rows import HostRows, count_dtype
 from sparcom.recorder import Recorder, inference_mode
 from sparcom.sites import unwrap
 from sparcom.snapshot import Snapshot, dataset_hash
@@ -54,9 +55,18 @@ def record(
         per_instruction: also keep counts per instruction (needed for overlap matrices).
         step: training step stored in the snapshot's metadata.
 
+    Returns category counts as int64 and per-instruction counts in the narrowest integer dtype
+    that holds them (int16 while no instruction counts more than 32,767 tokens, else int32), on
+    the CPU. Memory: the model's devices hold one batch's counts per site plus the category totals
+    (``sparcom.recorder.count_memory``); each batch's per-instruction rows go to host memory as
+    soon as it is done (asynchronously on CUDA). The model may be dispatched over several devices,
+    offloaded layers included (``sparcom.models.load_model(..., device_map=...)``).
+
     Under torch.distributed every rank must call this with the same records: each rank runs
-    its share of batches (all ranks run the same number, as ZeRO-3 requires) and the counts are
-    summed across ranks, so every rank returns the counts one process would give over everything.
+    its share of batches (all ranks run the same number, as ZeRO-3 requires); category totals are
+    summed across ranks, and each batch's per-instruction rows are sent from the rank that ran it
+    to every other, one batch of one site at a time, so every rank returns the counts one process
+    would give over everything.
     """
     if token_scope not in TOKEN_SCOPES:
         raise ValueError(f"unknown token_scope {token_scope!r}; expected one of {list(TOKEN_SCOPES)}")
@@ -74,28 +84,23 @@ def record(
         encode(r, tokenizer, max_length).needed_for(token_scope)
         for r in tqdm(records, desc="tokenize", disable=not progress or rank)
     ]
+    tokens = torch.tensor([int(e.scope_mask(token_scope).sum()) for e in encoded], dtype=torch.int64)
     category_of = torch.tensor([categories.index(r["category"]) for r in records])
-    group_of = torch.arange(len(records)) if per_instruction else category_of
+    category_tokens = _sum_rows(tokens, category_of, len(categories))
     batches = length_bucketed([len(e.input_ids) for e in encoded], batch_size)
-    mine = batches[rank::world]
-    # ZeRO-3 makes every forward collective: all ranks run ceil(n / world) batches, empty ones included.
-    mine += [[]] * (math.ceil(len(batches) / world) - len(mine))
 
     hf_model = unwrap(model)
+    recorder = Recorder(hf_model, len(categories), int(category_tokens.max()))
+    sites = {site.name: site for site, _ in recorder.sites}
+    host = None
+    if per_instruction:
+        pin = any(p.device.type == "cuda" for p in hf_model.parameters())
+        shapes = {name: site.shape for name, site in sites.items()}
+        host = HostRows(shapes, len(records), count_dtype(int(tokens.max())), batch_size, pin)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    recorder = Recorder(hf_model, num_groups=len(records) if per_instruction else len(categories))
     try:
         with inference_mode(model), recorder:
-            for batch in tqdm(
-                mine, desc=f"record ({token_scope})", unit="batch", disable=not progress or rank
-            ):
-                input_ids, attention, scope = pad_batch([encoded[i] for i in batch], token_scope, pad_id)
-                recorder.set_batch(scope, group_of[batch] if batch else torch.zeros(1, dtype=torch.long))
-                model(
-                    input_ids=input_ids.to(recorder.device, non_blocking=True),
-                    attention_mask=attention.to(recorder.device, non_blocking=True),
-                    use_cache=False,
-                )
+            run_batches(model, recorder, host, encoded, batches, category_of, token_scope, pad_id, progress)
     except Exception as err:
         if world == 1:
             raise
@@ -104,37 +109,19 @@ def record(
         raise RuntimeError(
             f"sparcom probe failed on rank {rank} of {world}: {type(err).__name__}: {err}"
         ) from err
-    counts = recorder.counts
-    checksums = recorder.checksums
-    if world > 1:
-        for tensor in [*counts.values(), *checksums.values()]:
-            torch.distributed.all_reduce(tensor)
-    for site, checksum in checksums.items():
-        if not torch.isfinite(checksum):
-            warnings.warn(
-                f"non-finite (NaN/inf) gate activations at {site}: NaN never counts as firing, +inf does; "
-                "check the model's weights and dtype",
-                stacklevel=2,
-            )
 
-    tokens = torch.tensor([int(e.scope_mask(token_scope).sum()) for e in encoded], dtype=torch.int64)
-    counts = {site: c.to("cpu", torch.int64) for site, c in counts.items()}
-    per_category = (
-        {site: _sum_rows(c, category_of, len(categories)) for site, c in counts.items()}
-        if per_instruction
-        else counts
-    )
-    sites = {site.name: site for site, _ in recorder.sites}
+    totals = _category_totals(recorder, len(categories), world)
+    instruction_counts = None if host is None else _instruction_counts(host, batches, world)
     return Snapshot(
         categories=categories,
-        category_tokens=_sum_rows(tokens, category_of, len(categories)),
-        category_counts=per_category,
+        category_tokens=category_tokens,
+        category_counts=totals,
         site_kinds={name: site.kind for name, site in sites.items()},
         site_layers={name: site.layer for name, site in sites.items()},
         instruction_ids=[r["id"] for r in records] if per_instruction else [],
         instruction_categories=[r["category"] for r in records] if per_instruction else [],
         instruction_tokens=tokens if per_instruction else None,
-        instruction_counts=counts if per_instruction else None,
+        instruction_counts=instruction_counts,
         meta={
             "model": getattr(hf_model, "name_or_path", "") or getattr(hf_model.config, "name_or_path", ""),
             "model_type": hf_model.config.model_type,
@@ -146,6 +133,122 @@ def record(
             "category_instructions": {c: sum(r["category"] == c for r in records) for c in categories},
         },
     )
+
+
+def run_batches(
+    model: nn.Module,
+    recorder: Recorder,
+    host: HostRows | None,
+    encoded: Sequence[Encoded],
+    batches: list[list[int]],
+    category_of: torch.Tensor,
+    token_scope: str,
+    pad_id: int,
+    progress: bool = False,
+) -> None:
+    """The recording loop: this rank's share of ``batches`` through the model, counts to the
+    recorder's category totals and, batch by batch, every row to ``host`` (in recording order:
+    batch after batch). No host synchronisation: inputs go to the device without waiting, and
+    nothing is read back until the loop is over."""
+    rank, world = _rank_and_world()
+    starts = _starts(batches)
+    device = _input_device(unwrap(model))
+    # ZeRO-3 makes every forward collective: all ranks run ceil(n / world) batches, empty ones included.
+    rounds = math.ceil(len(batches) / world)
+    for index in tqdm(
+        range(rank, rounds * world, world),
+        desc=f"record ({token_scope})",
+        unit="batch",
+        disable=not progress or rank,
+    ):
+        rows = batches[index] if index < len(batches) else []
+        input_ids, attention, scope = pad_batch([encoded[i] for i in rows], token_scope, pad_id)
+        recorder.set_batch(scope, category_of[rows] if rows else torch.zeros(1, dtype=torch.long))
+        model(
+            input_ids=input_ids.to(device, non_blocking=True),
+            attention_mask=attention.to(device, non_blocking=True),
+            use_cache=False,
+            logits_to_keep=1,  # counts need no logits: skip the vocabulary projection
+        )
+        counts = recorder.finish_batch()
+        if host is not None:
+            host.push(counts, starts[min(index, len(batches))], len(rows))
+
+
+def _starts(batches: list[list[int]]) -> list[int]:
+    """Where each batch's rows begin in recording order (and, last, the number of rows)."""
+    starts = [0]
+    for batch in batches:
+        starts.append(starts[-1] + len(batch))
+    return starts
+
+
+def _category_totals(recorder: Recorder, num_categories: int, world: int) -> dict[str, torch.Tensor]:
+    """Site -> ``[C, *shape]`` int64 counts on the CPU, summed over ranks; warns, naming the site,
+    where a gate was NaN or infinite."""
+    totals = {
+        site.name: recorder.totals.get(site.name, torch.zeros((num_categories, *site.shape)))
+        for site, _ in recorder.sites
+    }
+    if world > 1:
+        for tensor in [*totals.values(), *recorder.checksums.values()]:
+            _all_reduce(tensor)
+    for site, checksum in recorder.checksums.items():
+        if not torch.isfinite(checksum):
+            warnings.warn(
+                f"non-finite (NaN/inf) gate activations at {site}: NaN never counts as firing, +inf does; "
+                "check the model's weights and dtype",
+                stacklevel=3,
+            )
+    return {site: counts.to("cpu", torch.int64) for site, counts in totals.items()}
+
+
+def _instruction_counts(host: HostRows, batches: list[list[int]], world: int) -> dict[str, torch.Tensor]:
+    """Site -> ``[N, *shape]`` per-instruction counts in instruction order (every rank's rows)."""
+    rows = host.wait()
+    if world > 1:
+        _share_rows(rows, batches)
+    count = sum(len(batch) for batch in batches)
+    position = torch.empty(count, dtype=torch.long)  # each instruction's row in recording order
+    position[[i for batch in batches for i in batch]] = torch.arange(count)
+    # One site at a time, so the reordering needs one site's rows more, not a second copy of all.
+    return {site: rows.pop(site).index_select(0, position) for site in list(rows)}
+
+
+def _input_device(model: nn.Module) -> torch.device:
+    """Where input ids go: the embedding's device (an offloaded embedding is on "meta"; accelerate's
+    hooks then move the inputs themselves)."""
+    weight = model.get_input_embeddings().weight
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+
+def _collective_device() -> torch.device:
+    """Where tensors must be for a collective of the default process group."""
+    backend = str(torch.distributed.get_backend())
+    return torch.device("cuda", torch.cuda.current_device()) if "nccl" in backend else torch.device("cpu")
+
+
+def _all_reduce(tensor: torch.Tensor) -> None:
+    staged = tensor.to(_collective_device())
+    torch.distributed.all_reduce(staged)
+    if staged is not tensor:
+        tensor.copy_(staged)
+
+
+def _share_rows(rows: dict[str, torch.Tensor], batches: list[list[int]]) -> None:
+    """Give every rank every instruction's rows: the rank that ran a batch broadcasts its rows, one
+    batch of one site at a time, so no more than that passes through the device at once. Rows are
+    sent as bytes, since collectives do not all take narrow integers."""
+    world = torch.distributed.get_world_size()
+    device = _collective_device()
+    starts = _starts(batches)
+    for values in rows.values():
+        for index, batch in enumerate(batches):
+            chunk = values[starts[index] : starts[index] + len(batch)].view(torch.uint8)
+            staged = chunk.to(device)
+            torch.distributed.broadcast(staged, src=index % world)
+            if staged is not chunk:
+                chunk.copy_(staged)
 
 
 def pad_batch(

@@ -1,154 +1,289 @@
 """The one place that touches hooks: streaming firing counts while the model runs forward.
 
-Counts accumulate on the model's device into ``[G, *site_shape]`` int32 tensors, one row per
-group (an instruction, or a category when per-instruction statistics are off). Per batch, the
-hooks see the FFN inputs of ``B`` padded rows of length ``L`` and add, for every row, how many of
-its counted tokens fired each neuron. Nothing per-token outlives the batch, and the loop has no
-host synchronisation (no ``.item()``/``.cpu()``), so accelerator work stays asynchronous.
+Per batch of ``B`` padded rows of length ``L`` (one row per instruction), every site yields
+``[B, *site_shape]`` counts of how many of each row's counted tokens fired each neuron (or selected
+each expert), on the device where that site runs:
+
+- dense FFNs (shared experts included): a forward pre-hook on the activation module reads the
+  gate pre-activation ``g`` it is given, so a count costs a comparison and a batched row sum;
+- fused routed experts: while recording, the experts module runs transformers' grouped-matmul
+  computation op for op (outputs bitwise those of its ``grouped_mm`` implementation), and counts
+  every token-expert pair the router actually selected from the gate half of the projection that
+  computation makes anyway. Counting therefore never projects a gate twice, and holds whichever
+  experts implementation the model is configured with.
+
+``finish_batch`` adds the rows into the category totals ``[C, *site_shape]`` on the same device and
+hands them to the caller, which moves them to host memory (``sparcom.host_rows``). Device memory for
+counts is one batch's rows plus the category totals, whatever the number of instructions
+(``count_memory``); the loop makes no host synchronisation (no ``.item()``/``.cpu()``), so
+accelerator work stays asynchronous.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sparcom.sites import Site, find_sites, gate_weight
+from sparcom.sites import Site, find_sites
+
+
+@dataclass
+class _Batch:
+    """One batch's bookkeeping on one device."""
+
+    mask: torch.Tensor  # [B, 1, L] float32: 1 for counted tokens
+    token_row: torch.Tensor  # [B*L] long: each token's row, or B (a discard row) for tokens not counted
+    categories: torch.Tensor  # [B] long: each row's category
 
 
 class Recorder:
-    """Hooks that count, for each site, how often each neuron (or expert) fires per group.
+    """Counts, per batch row, how often each neuron (or expert) of every site fires.
 
-    Use as a context manager: hooks are attached on entry and always removed on exit.
-    Before each forward call ``set_batch(mask, groups)``.
+    Use as a context manager (hooks are attached on entry and always removed on exit); per batch:
+    ``set_batch(mask, categories)``, the model's forward, then ``finish_batch()``.
     """
 
-    def __init__(self, model: nn.Module, num_groups: int):
+    def __init__(self, model: nn.Module, num_categories: int, largest_total: int = 2**24 - 1):
+        """``largest_total``: the most tokens any category counts (no count can exceed it)."""
         self.sites = find_sites(model)
-        device = next(model.parameters()).device
-        self.device = device
-        self.num_groups = num_groups
-        self.counts: dict[str, torch.Tensor] = {
-            site.name: torch.zeros((num_groups, *site.shape), dtype=torch.int32, device=device)
-            for site, _ in self.sites
-        }
+        self.num_categories = num_categories
+        self.total_dtype = exact_float(largest_total)
+        # Per site, on the site's device: [C, *shape] category totals, allocated at the site's first call.
+        self.totals: dict[str, torch.Tensor] = {}
         # A running sum of every gate value: NaN or inf anywhere makes it non-finite. One cheap
         # reduction per call, checked once after the loop, instead of an isfinite pass per batch.
-        self.checksums: dict[str, torch.Tensor] = {
-            site.name: torch.zeros((), dtype=torch.float64, device=device)
-            for site, _ in self.sites
-            if site.kind != "router"
-        }
-        self._handles: list = []
-        self._mask: torch.Tensor | None = None
-        self._groups: torch.Tensor | None = None
+        self.checksums: dict[str, torch.Tensor] = {}
+        self.rows: dict[str, torch.Tensor] = {}  # this batch's [B, *shape] float32 counts per site
+        self._detach: list[Callable[[], None]] = []
+        self._mask = self._categories = None
+        self._on_device: dict[torch.device, _Batch] = {}
+        self._scratch_buffers: dict[tuple, torch.Tensor] = {}
 
-    def set_batch(self, mask: torch.Tensor, groups: torch.Tensor) -> None:
-        """``mask``: ``[B, L]`` bool, the tokens to count; ``groups``: ``[B]`` long, each row's group."""
-        self._mask = mask.to(self.device, non_blocking=True)
-        self._groups = groups.to(self.device, non_blocking=True)
-        # MoE blocks see tokens flattened to [B*L]: the same mask and groups, one entry per token.
-        self._mask_flat = self._mask.reshape(-1)
-        self._mask_float = self._mask.to(torch.float32)[:, None, :]  # [B, 1, L]
-        self._groups_flat = self._groups.repeat_interleave(mask.shape[1])
+    def set_batch(self, mask: torch.Tensor, categories: torch.Tensor) -> None:
+        """``mask``: ``[B, L]`` bool, the tokens to count; ``categories``: ``[B]`` long, each row's category."""
+        self._mask, self._categories = mask, categories
+        self._on_device = {}
+        self.rows = {}
+
+    def finish_batch(self) -> dict[str, torch.Tensor]:
+        """Add this batch's rows into the category totals; returns them (``[B, *shape]`` per site,
+        on the site's device, valid until the next ``set_batch``)."""
+        for name, rows in self.rows.items():
+            totals = self.totals[name]
+            totals.index_add_(0, self._batch(rows.device).categories, rows.to(totals.dtype))
+        return self.rows
 
     def __enter__(self) -> Recorder:
-        by_module: dict[int, list[Site]] = {}
+        experts_sites: dict[int, dict[str, str]] = {}
         for site, module in self.sites:
-            by_module.setdefault(id(module), []).append(site)
-        seen: set[int] = set()
-        for site, module in self.sites:
-            if id(module) in seen:
-                continue
-            seen.add(id(module))
             if site.kind == "ffn":
-                self._handles.append(module.register_forward_pre_hook(self._ffn_hook(site)))
+                handle = module.register_forward_pre_hook(self._ffn_hook(site.name))
+                self._detach.append(handle.remove)
             else:
-                names = {s.kind: s.name for s in by_module[id(module)]}
-                self._handles.append(
-                    module.register_forward_pre_hook(self._experts_hook(names), with_kwargs=True)
+                experts_sites.setdefault(id(module), {})[site.kind] = site.name
+        for module in {id(m): m for s, m in self.sites if s.kind != "ffn"}.values():
+            if getattr(module, "_is_expert_parallel", False):
+                raise ValueError(
+                    f"{type(module).__name__} is sharded expert-parallel; record it in one process "
+                    "(or under DeepSpeed), where every rank holds every expert"
                 )
+            forward = self._experts_forward(module, experts_sites[id(module)])
+            self._detach.append(_replace_forward(module, forward))
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        for detach in self._detach:
+            detach()
+        self._detach.clear()
 
     # ------------------------------------------------------------------------------- hooks
 
-    def _row_sums(self, fired: torch.Tensor) -> torch.Tensor:
-        """``fired``: ``[B*L, X]`` or ``[B, L, X]`` bool -> ``[B, X]`` int32 counts over counted tokens.
+    def _batch(self, device: torch.device) -> _Batch:
+        """The batch's mask and rows on ``device``, moved there once per batch (sites of a model
+        dispatched over several devices each read their own copy)."""
+        batch = self._on_device.get(device)
+        if batch is None:
+            rows, length = self._mask.shape
+            token_row = torch.where(self._mask, torch.arange(rows)[:, None], rows).reshape(-1)
+            batch = self._on_device[device] = _Batch(
+                mask=self._mask.to(device, torch.float32, non_blocking=True)[:, None, :],
+                token_row=token_row.to(device, non_blocking=True),
+                categories=self._categories.to(device, non_blocking=True),
+            )
+        return batch
 
-        One batched matmul ``[B, 1, L] @ [B, L, X]`` (faster than mask-and-sum); float32 sums of
-        0/1 are exact for any L below 2**24."""
-        batch, length = self._mask.shape
-        fired = fired.reshape(batch, length, -1).to(torch.float32)
-        return torch.bmm(self._mask_float, fired).squeeze(1).to(torch.int32)
+    def _keep(self, name: str, rows: torch.Tensor) -> None:
+        """This batch's rows of a site; its category totals are allocated beside them on first use."""
+        self.rows[name] = rows
+        if name not in self.totals:
+            shape = (self.num_categories, *rows.shape[1:])
+            self.totals[name] = torch.zeros(shape, dtype=self.total_dtype, device=rows.device)
 
-    def _ffn_hook(self, site: Site):
-        counts = self.counts[site.name]
-        checksum = self.checksums[site.name]
+    def _checksum(self, name: str, gate: torch.Tensor) -> None:
+        checksum = self.checksums.get(name)
+        if checksum is None:
+            checksum = self.checksums[name] = torch.zeros((), dtype=torch.float64, device=gate.device)
+        # Summed in the gate's own dtype (a float32 sum of bfloat16 costs several times more on CPU):
+        # NaN and inf survive any sum, and finite activations cannot add up past bfloat16's range,
+        # though they can past float16's.
+        checksum.add_(gate.sum(dtype=torch.float32 if gate.dtype == torch.float16 else None))
 
+    def _scratch(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+        """A reusable buffer for a hook's large temporaries: sized by the largest batch so far, and
+        shared by the sites of one device (hooks run one after another). Fresh allocations of this
+        size cost page faults on CPU on every call."""
+        size = math.prod(shape)
+        if torch.device(device).type != "cpu":  # caching allocators already reuse memory
+            return torch.empty(shape, dtype=dtype, device=device)
+        key = (name, dtype, device)
+        buffer = self._scratch_buffers.get(key)
+        if buffer is None or buffer.numel() < size:
+            buffer = self._scratch_buffers[key] = torch.empty(size, dtype=dtype, device=device)
+        return buffer[:size].view(shape)
+
+    def _ffn_hook(self, name: str):
         def hook(module, args):
-            gate = args[0]
-            checksum.add_(gate.sum(dtype=torch.float32))
-            counts.index_add_(0, self._groups, self._row_sums(gate > 0))
+            gate = args[0]  # [B, L, d_ff] or [B*L, d_ff]
+            batch = self._batch(gate.device)
+            self._checksum(name, gate)
+            # 0/1 as float32, then one batched matmul [B, 1, L] @ [B, L, d_ff] sums each row's counted
+            # tokens (faster than mask-and-sum; exact for any L below 2**24).
+            fired = torch.gt(gate, 0, out=self._scratch("fired", gate.shape, torch.float32, gate.device))
+            fired = fired.view(batch.mask.shape[0], batch.mask.shape[2], -1)
+            self._keep(name, torch.bmm(batch.mask, fired).squeeze(1))
 
         return hook
 
-    def _experts_hook(self, names: dict[str, str]):
-        neuron_counts = self.counts[names["experts"]]
-        router_counts = self.counts[names["router"]]
-        checksum = self.checksums[names["experts"]]
-        num_experts = router_counts.shape[1]
-        # One row per (group, expert): a pair's counts land at group * E + expert.
-        neuron_rows = neuron_counts.view(self.num_groups * num_experts, -1)
-        router_rows = router_counts.view(self.num_groups * num_experts)
+    def _experts_forward(self, module: nn.Module, names: dict[str, str]):
+        """The fused experts' forward while recording: transformers' ``grouped_mm`` computation, op
+        for op, which also counts every token-expert pair from the gate half of the projection it
+        computes anyway. Counting costs a comparison and a scatter, not a second gate projection."""
 
-        def hook(module, args, kwargs):
-            hidden = args[0] if args else kwargs["hidden_states"]  # [B*L, H]
-            top_k_index = args[1] if len(args) > 1 else kwargs["top_k_index"]  # [B*L, k]
-            # Token-expert pairs sorted by expert (indices >= E are expert-parallel sentinels).
-            expert_ids, order = torch.sort(top_k_index.reshape(-1))
-            token_of_pair = order // top_k_index.shape[-1]  # [S]
-            counted = self._mask_flat[token_of_pair] & (expert_ids < num_experts)  # [S]
-            rows = self._groups_flat[token_of_pair] * num_experts + expert_ids.clamp(max=num_experts - 1)
-            router_rows.index_add_(0, rows, counted.to(torch.int32))
-            gate = expert_gate(hidden[token_of_pair], gate_weight(module), expert_ids, num_experts)  # [S, d]
-            checksum.add_(gate.sum(dtype=torch.float32))
-            neuron_rows.index_add_(0, rows, ((gate > 0) & counted[:, None]).to(torch.int32))
+        def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+            # hidden_states: [T, H] with T = B*L; top_k_index, top_k_weights: [T, k], the router's choice.
+            gate_up, down = module.gate_up_proj, module.down_proj
+            if not getattr(module, "is_transposed", False):
+                gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)  # [E, H, 2d], [E, d, H]
+            num_experts, width = gate_up.shape[0], gate_up.shape[2] // 2
+            tokens, top_k = top_k_index.shape
+            expert_ids, order = torch.sort(top_k_index.reshape(-1))  # token-expert pairs by expert
+            token = order // top_k  # [S]
+            ends = torch.searchsorted(
+                expert_ids, torch.arange(num_experts, device=expert_ids.device), right=True, out_int32=True
+            )  # [E]: where each expert's pairs end
+            projected = grouped_mm(hidden_states.index_select(0, token), gate_up, ends)  # [S, 2d]
+            gate = projected[:, :width] if getattr(module, "is_concatenated", True) else projected[:, 0::2]
+            self._count_pairs(names, gate, token, expert_ids, num_experts)
+            out = grouped_mm(module._apply_gate(projected), down, ends)  # [S, H]
+            if getattr(module, "has_post_expert_norm", False):
+                out = module.post_expert_norm(out)
+            out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+            unsorted = torch.empty_like(order)
+            unsorted[order] = torch.arange(order.shape[0], device=order.device)
+            return out[unsorted].view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)
 
-        return hook
+        return forward
+
+    def _count_pairs(self, names, gate: torch.Tensor, token, expert_ids, num_experts: int) -> None:
+        """``gate``: ``[S, d]`` pre-activations of token-expert pairs; ``token``, ``expert_ids``: ``[S]``."""
+        batch = self._batch(gate.device)
+        rows = batch.mask.shape[0]
+        self._checksum(names["experts"], gate)
+        # Each pair's cell in a [B+1, E] grid: pairs of uncounted tokens land in row B, which is
+        # dropped, so no pair needs masking.
+        cell = torch.add(expert_ids, batch.token_row[token], alpha=num_experts)
+        grid = (rows + 1) * num_experts
+        # float32 sums of 0/1 are exact below 2**24 in any order, and index_add is vectorised for
+        # floats (several times faster on CPU than for int32).
+        fired = torch.gt(gate, 0, out=self._scratch("fired", gate.shape, torch.float32, gate.device))
+        neurons = torch.zeros((grid, gate.shape[1]), dtype=torch.float32, device=gate.device)
+        neurons.index_add_(0, cell, fired)
+        # (bincount would read its input's maximum back to the host on CUDA)
+        selected = torch.zeros(grid, dtype=torch.float32, device=gate.device)
+        selected.index_add_(0, cell, torch.ones(cell.shape, dtype=torch.float32, device=gate.device))
+        self._keep(names["experts"], neurons.view(rows + 1, num_experts, -1)[:rows])
+        self._keep(names["router"], selected.view(rows + 1, num_experts)[:rows])
 
 
-def expert_gate(
-    hidden: torch.Tensor, weight: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
-) -> torch.Tensor:
-    """Gate pre-activations of token-expert pairs sorted by expert.
+def _replace_forward(module: nn.Module, forward) -> Callable[[], None]:
+    """Make ``forward`` the module's forward for a while; returns the function that restores it.
+
+    Module hooks (DeepSpeed ZeRO-3 gathers parameters in one) still run around it. An
+    accelerate-dispatched module keeps its offload wrapper as ``forward``, which loads the weights
+    and then calls ``_old_forward``: that is the one replaced there."""
+    name = "_old_forward" if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward") else "forward"
+    own = vars(module)
+    had, original = name in own, own.get(name)
+    setattr(module, name, forward)
+    return lambda: setattr(module, name, original) if had else delattr(module, name)
+
+
+def grouped_mm(inputs: torch.Tensor, weight: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """``inputs[s] @ weight[e]`` for rows grouped by ``e``.
 
     Args:
-        hidden: ``[S, H]`` the token of each pair. weight: ``[E, d, H]`` gate weights.
-        expert_ids: ``[S]`` sorted expert of each pair (values >= E, if any, sort last and are ignored).
+        inputs: ``[S, K]``, rows sorted by group. weight: ``[E, K, N]``.
+        ends: ``[E]`` int32, where each group's rows end (rows beyond the last are left out).
     Returns:
-        ``[S, d]``; rows of ignored pairs are unspecified.
+        ``[S, N]``; rows beyond ``ends[-1]`` are unspecified.
     """
-    sizes = torch.bincount(expert_ids.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]
-    offsets = torch.cumsum(sizes, dim=0, dtype=torch.int32)
-    hidden = hidden.to(weight.dtype)
+    inputs = inputs.to(weight.dtype)
     with contextlib.suppress(RuntimeError, AttributeError):
         # grouped_mm takes device-side offsets: no host synchronisation.
-        return torch.nn.functional.grouped_mm(hidden, weight.transpose(1, 2), offs=offsets)
-    # Fallback (unaligned weights, old torch): one matmul per expert, one sync for the sizes.
-    out = hidden.new_zeros(hidden.shape[0], weight.shape[1])
+        return torch.nn.functional.grouped_mm(inputs, weight, offs=ends)
+    # Other dtypes (float64), unaligned weights, old GPUs: one matmul per group, one sync for the sizes.
+    out = inputs.new_zeros(inputs.shape[0], weight.shape[2])
     start = 0
-    for expert, size in enumerate(sizes.tolist()):
-        if size:
-            out[start : start + size] = hidden[start : start + size] @ weight[expert].T
-        start += size
+    for group, end in enumerate(ends.tolist()):
+        if end > start:
+            out[start:end] = inputs[start:end] @ weight[group]
+        start = end
     return out
+
+
+def exact_float(largest: int) -> torch.dtype:
+    """The float dtype that sums counts up to ``largest`` exactly: float32 below 2**24 (every integer
+    there is representable, so the order of additions does not matter), else float64. Counts are
+    kept in floats on the device because index_add and matmul are vectorised for floats."""
+    return torch.float32 if largest < 2**24 else torch.float64
+
+
+@dataclass(frozen=True)
+class CountMemory:
+    """Bytes of count buffers: ``device`` (one batch's rows, the category totals, checksums and, on
+    CUDA, the staging buffers of the copies to host) and ``host`` (every instruction's rows)."""
+
+    device: int
+    host: int
+
+
+def count_memory(
+    sites: list[Site],
+    batch_size: int,
+    num_categories: int,
+    num_instructions: int,
+    instruction_dtype: torch.dtype | None = torch.int16,
+    total_dtype: torch.dtype = torch.float32,
+    staging: bool = False,
+) -> CountMemory:
+    """What ``record`` holds for counts, from the site shapes alone. On the device: one batch's
+    float32 rows (an experts or router site's with one more, discarded, row),
+    the category totals, and a float64 checksum per gate (ffn and experts sites). On the host:
+    ``num_instructions`` rows of ``instruction_dtype`` (None: no per-instruction counts).
+    ``staging``: CUDA, where rows pass through two narrow device buffers on their way to the host."""
+    rows = totals = narrow = 0
+    for site in sites:
+        units = math.prod(site.shape)
+        totals += num_categories * units * total_dtype.itemsize + (8 if site.kind != "router" else 0)
+        rows += (batch_size if site.kind == "ffn" else batch_size + 1) * units * 4
+        narrow += units * (instruction_dtype.itemsize if instruction_dtype else 0)
+    device = rows + totals + (2 * batch_size * narrow if staging else 0)
+    return CountMemory(device=device, host=num_instructions * narrow)
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from torch import nn
 
 from sparcom.conversation import encode
 from sparcom.data import Record
-from sparcom.intervention import check_neurons, intervene, neuron_sites, random_sets
+from sparcom.intervention import check_editable, check_neurons, intervene, neuron_sites, random_sets
 from sparcom.probe import length_bucketed, pad_batch
 from sparcom.recorder import inference_mode
 from sparcom.select import NeuronSet, category_isn
@@ -130,6 +130,7 @@ def loss_changes(
     sites = neuron_sites(model)
     for neurons in neuron_sets.values():
         check_neurons(neurons, sites)
+        check_editable(model, neurons)  # before the intact pass, not after it
     generator = torch.Generator().manual_seed(seed)
     draws = {name: random_sets(neurons, control_draws, generator) for name, neurons in neuron_sets.items()}
     intact = loss(model)

@@ -13,6 +13,8 @@ from sparcom.conversation import encode, messages
 from sparcom.models import TINY_PRESETS, load_model
 from sparcom.sites import ARCHITECTURES
 
+from conftest import exact_model
+
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
@@ -68,3 +70,97 @@ def test_conversation_masks_split_prompt_and_response(small_records):
     assert prompt.endswith("<|im_start|>assistant\n") and record["input"] in prompt
     assert response == record["output"] + "<|im_end|>\n"
     assert encoded.prompt_mask[: int(encoded.prompt_mask.sum())].all()  # prompt first, then response
+
+
+# ----------------------------------------------------------------- models bigger than one device
+
+
+@pytest.fixture(scope="module")
+def saved_exact_moe(tmp_path_factory) -> Path:
+    """tiny-qwen2-moe in float64, saved: kernel rounding can no longer flip a gate's sign, so any
+    placement of the same weights must count exactly the same."""
+    model, tokenizer = exact_model("tiny-qwen2-moe")
+    path = tmp_path_factory.mktemp("exact") / "tiny-qwen2-moe"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _eager(model):
+    model.set_experts_implementation("eager")
+    return model
+
+
+def _weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def test_offloaded_layers_record_exactly_what_resident_ones_do(saved_exact_moe, small_records, tmp_path):
+    resident, tokenizer = load_model(str(saved_exact_moe), dtype="float64")
+    plain = sparcom.record(_eager(resident), tokenizer, small_records, token_scope="all", progress=False)
+
+    # Room on the CPU for about two layers: accelerate puts the rest on disk, loaded per forward.
+    budget = int(0.8 * _weight_bytes(resident))
+    dispatched, _ = load_model(
+        str(saved_exact_moe),
+        dtype="float64",
+        device_map="auto",
+        max_memory={"cpu": budget},
+        offload_folder=tmp_path / "offload",
+    )
+    placements = dispatched.hf_device_map
+    assert "disk" in placements.values() and any(
+        name.startswith("model.layers.") and device == "cpu" for name, device in placements.items()
+    ), placements
+    assert dispatched.model.layers[3].mlp.experts.gate_up_proj.device.type == "meta"  # truly offloaded
+    on_disk = sparcom.record(_eager(dispatched), tokenizer, small_records, token_scope="all", progress=False)
+
+    from accelerate import cpu_offload
+
+    offloaded, _ = load_model(str(saved_exact_moe), dtype="float64")
+    cpu_offload(_eager(offloaded), execution_device=torch.device("cpu"))  # every weight in an offload store
+    in_store = sparcom.record(offloaded, tokenizer, small_records, token_scope="all", progress=False)
+
+    assert any(int(c.sum()) > 0 for c in plain.instruction_counts.values())
+    for snapshot in (on_disk, in_store):
+        assert snapshot.tokens == plain.tokens
+        for site, counts in plain.instruction_counts.items():
+            assert torch.equal(snapshot.instruction_counts[site], counts), site
+            assert torch.equal(snapshot.category_counts[site], plain.category_counts[site]), site
+    # Recording left the offload hooks as they were: the model still runs and matches.
+    ids = encode(small_records[0], tokenizer).input_ids[None]
+    with torch.no_grad():
+        assert torch.equal(dispatched(ids).logits, resident(ids).logits)
+
+
+def test_interventions_refuse_offloaded_weights(saved_exact_moe, small_records, tmp_path):
+    """Silencing neurons edits weights in place; on an offloaded module the edit would silently not
+    apply (accelerate reloads the weights from its store), so it is refused, naming the site, and
+    the ablation refuses before its long intact pass."""
+    from sparcom.ablation import ablation_matrices, zeroed
+
+    model, tokenizer = load_model(
+        str(saved_exact_moe), dtype="float64", device_map={"": "disk"}, offload_folder=tmp_path / "offload"
+    )
+    snapshot = sparcom.record(_eager(model), tokenizer, small_records, progress=False)
+    site = snapshot.sites("ffn")[0]
+    neurons = {site: torch.ones_like(snapshot.category_counts[site][0], dtype=torch.bool)}
+    refused = pytest.raises(
+        ValueError, match=rf"intervening on {site} edits weights in place, but .* is offloaded"
+    )
+    with refused, zeroed(model, neurons):
+        pass
+    passes = []
+    model.register_forward_pre_hook(lambda *args: passes.append(1))
+    with pytest.raises(ValueError, match="is offloaded"):
+        ablation_matrices(model, tokenizer, small_records, snapshot, epsilon=0.5)
+    assert not passes  # refused before any forward
+
+
+def test_loading_options_are_checked_before_loading():
+    with pytest.raises(ValueError, match="max_memory need a device_map"):
+        load_model("tiny-llama", max_memory={"cpu": "1GiB"})
+    with pytest.raises(ValueError, match="tiny preset 'tiny-llama' takes a single device.*save_pretrained"):
+        load_model("tiny-llama", device_map="auto")
+    model, _ = load_model("tiny-llama", device_map="cpu")
+    assert next(model.parameters()).device.type == "cpu"

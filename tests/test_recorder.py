@@ -1,14 +1,21 @@
-"""The recorder's counts against an independent recomputation, on every tiny architecture."""
+"""The recorder: counts against an independent recomputation on every tiny architecture, the
+forward it runs while recording, and the memory its counts take on the device and the host."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+from bench.held import count_bytes_at_fullest
 
 import sparcom
-from sparcom.models import TINY_PRESETS
+from sparcom.host_rows import count_dtype
+from sparcom.models import TINY_PRESETS, load_model
+from sparcom.recorder import Recorder, count_memory, exact_float
 from sparcom.sites import ARCHITECTURES, UnsupportedModelError, find_sites
 
+import conftest
 from conftest import exact_model
 from reference import Reference
 
@@ -134,3 +141,57 @@ def test_non_finite_activations_warn_with_the_site(small_records):
     with pytest.warns(UserWarning, match=r"non-finite .* at model\.layers\.2\.mlp"):
         snapshot = sparcom.record(model, tokenizer, small_records[:3], progress=False)
     assert int(snapshot.category_counts["model.layers.2.mlp"][:, 0].sum()) == 0  # NaN never counts
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2-moe", "tiny-llama"])
+def test_count_buffers_on_the_device_are_bounded_by_the_batch(preset):
+    """Two rows at a time over 6 or 36 instructions: at its fullest (after a forward, before the
+    rows go to the host) the recorder holds one batch's rows, the category totals and a checksum
+    per site, exactly as ``count_memory`` computes from the shapes, whatever the number of
+    instructions; the per-instruction counts live on the host, in int16."""
+    model, tokenizer = load_model(preset)
+    sites = [site for site, _ in find_sites(model)]
+    for per_category in (1, 6):
+        records = conftest.per_category(per_category)
+        fullest, snapshot = count_bytes_at_fullest(
+            model, partial(sparcom.record, model, tokenizer, records, batch_size=2, progress=False)
+        )
+        expected = count_memory(sites, batch_size=2, num_categories=6, num_instructions=len(records))
+        assert fullest == expected.device, per_category
+        assert sum(counts.nbytes for counts in snapshot.instruction_counts.values()) == expected.host
+        assert {c.dtype for c in snapshot.instruction_counts.values()} == {torch.int16}
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2-moe", "tiny-mixtral", "tiny-deepseek-v3"])
+def test_recording_runs_the_models_own_computation(preset, small_records):
+    """While recording, the fused experts run transformers' grouped_mm computation op for op
+    (counting from the projection it computes anyway): the model's outputs are bitwise those of
+    its grouped_mm implementation, and within rounding of eager's. The forward is restored after."""
+    model, tokenizer = load_model(preset)
+    encoded = [sparcom.conversation.encode(r, tokenizer) for r in small_records[:6]]
+    input_ids, attention, scope = sparcom.probe.pad_batch(encoded, "all", tokenizer.pad_token_id)
+    outputs = {}
+    with torch.no_grad():
+        for implementation in ("grouped_mm", "eager"):
+            model.set_experts_implementation(implementation)
+            outputs[implementation] = model(input_ids=input_ids, attention_mask=attention).logits
+            recorder = Recorder(model, num_categories=6)
+            with recorder:
+                recorder.set_batch(scope, torch.arange(6))
+                outputs[f"recording, {implementation} configured"] = model(
+                    input_ids=input_ids, attention_mask=attention
+                ).logits
+    assert torch.equal(outputs["recording, grouped_mm configured"], outputs["grouped_mm"])
+    assert torch.equal(outputs["recording, eager configured"], outputs["grouped_mm"])
+    torch.testing.assert_close(outputs["eager"], outputs["grouped_mm"], rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_counts_take_the_narrowest_exact_dtype():
+    """Per-instruction counts never exceed the instruction's counted tokens, category totals its
+    category's: the dtypes follow those bounds, with no room for a count to wrap or round."""
+    assert count_dtype(32_767) == torch.int16 and count_dtype(32_768) == torch.int32
+    assert count_dtype(2**31) == torch.int64
+    assert count_dtype(5, smallest=torch.int32) == torch.int32
+    assert exact_float(2**24 - 1) == torch.float32 and exact_float(2**24) == torch.float64
+    assert torch.tensor(2**24 - 1, dtype=torch.float32) + 1 == 2**24  # still exact at the bound
