@@ -47,6 +47,7 @@ class TokenScope(StrEnum):
     prompt = "prompt"
     response = "response"
     all = "all"
+    generated = "generated"
 
 
 class SelectionMode(StrEnum):
@@ -107,7 +108,8 @@ class SparcomConfig:
     Parameters:
         epsilons: ISN thresholds, each in (0, 1]; a single number is taken as a one-element list.
         selection_mode: threshold (p >= eps), percentile_layer or percentile_global (top eps fraction).
-        token_scope: the tokens counted: the prompt, the response, or all.
+        token_scope: the tokens counted: the prompt, the response, all, or generated (each model's own
+            greedy continuation of the prompt, at most max_new_tokens).
         overlap_epsilon: the epsilon of overlap matrices, layer profiles, general/unique counts and figures.
         probe: the probe set.
         max_new_tokens: tokens generated per instruction, for scopes that count generated tokens.
