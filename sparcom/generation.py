@@ -18,6 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from sparcom.conversation import Encoded
+from sparcom.placement import input_device, rank_and_world
 from sparcom.sites import unwrap
 
 
@@ -66,9 +67,7 @@ def greedy_continuations(
     order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     rank, world = rank_and_world()
-    device = hf_model.get_input_embeddings().weight.device
-    if device.type == "meta":  # offloaded embedding: accelerate's hooks move the inputs
-        device = torch.device("cpu")
+    device = input_device(hf_model)
     mine: dict[int, list[int]] = {}
     rounds = math.ceil(len(batches) / world)
     with _greedy_only(hf_model):
@@ -128,10 +127,3 @@ def _greedy_only(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.generation_config = original
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (0 and 1 without torch.distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1

@@ -16,8 +16,9 @@ from tqdm.auto import tqdm
 from sparcom import __version__
 from sparcom.conversation import TOKEN_SCOPES, Encoded, continued, encode
 from sparcom.data import CATEGORIES, Record
-from sparcom.generation import greedy_continuations, rank_and_world
+from sparcom.generation import greedy_continuations
 from sparcom.host_rows import HostRows, count_dtype
+from sparcom.placement import input_device, rank_and_world
 from sparcom.recorder import Recorder, inference_mode
 from sparcom.sites import unwrap
 from sparcom.snapshot import Snapshot, dataset_hash
@@ -174,7 +175,7 @@ def run_batches(
     nothing is read back until the loop is over."""
     rank, world = rank_and_world()
     starts = _starts(batches)
-    device = _input_device(unwrap(model))
+    device = input_device(unwrap(model))
     # ZeRO-3 makes every forward collective: all ranks run ceil(n / world) batches, empty ones included.
     rounds = math.ceil(len(batches) / world)
     for index in tqdm(
@@ -235,13 +236,6 @@ def _instruction_counts(host: HostRows, batches: list[list[int]], world: int) ->
     position[[i for batch in batches for i in batch]] = torch.arange(count)
     # One site at a time, so the reordering needs one site's rows more, not a second copy of all.
     return {site: rows.pop(site).index_select(0, position) for site in list(rows)}
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where input ids go: the embedding's device (an offloaded embedding is on "meta"; accelerate's
-    hooks then move the inputs themselves)."""
-    weight = model.get_input_embeddings().weight
-    return torch.device("cpu") if weight.device.type == "meta" else weight.device
 
 
 def _collective_device() -> torch.device:
