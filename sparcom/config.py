@@ -417,9 +417,8 @@ class AnalyzeConfig:
     Parameters:
         mode: compare (tables, figures, report), ablate (causal check), steer, explain.
         run: a train.py run folder: base = its first snapshot, tuned = its last.
-        base: a snapshot file, conf/model preset, model folder or hub id.
+        base: a snapshot file, conf/model preset, model folder or hub id (mode=ablate, steer and explain: the model).
         tuned: the same kinds, compared with base.
-        model: the model explained (mode=explain).
         pairs: several comparisons at once: [{name, base, tuned}, ...].
         out: the output folder (default: <run>/analysis, or analysis/<launch time>).
         data: the records probed (null: the shipped HexaInst).
@@ -437,7 +436,6 @@ class AnalyzeConfig:
     run: str | None = None
     base: str | None = None
     tuned: str | None = None
-    model: str | None = None
     pairs: list[PairConfig] | None = None
     out: str | None = None
     data: DataSource = field(default_factory=DataSource)

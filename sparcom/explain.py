@@ -138,18 +138,18 @@ def most_specific(snapshot: Snapshot, per_category: int) -> list[Neuron]:
     return [neuron for category in categories for neuron in best[category]]
 
 
-def neuron_named(snapshot: Snapshot, spec: str) -> Neuron:
-    """The neuron ``<site>:<i>`` (dense FFN) or ``<site>:<expert>,<i>`` (routed experts), with the
-    category it is most frequent in; a site or index that does not exist raises one line naming it."""
-    sites = _neuron_sites(snapshot)
+def parse_neuron(spec: str, shapes: dict[str, tuple[int, ...]]) -> tuple[str, tuple[int, ...]]:
+    """``(site, index)`` of ``<site>:<i>`` (dense FFN) or ``<site>:<expert>,<i>`` (routed experts),
+    given the neuron sites' shapes; a site or index that does not exist raises one line naming it."""
+    sites = list(shapes)
     site, _, index = spec.strip().rpartition(":")
-    if site not in sites:
+    if site not in shapes:
         shown = ", ".join(sites[:4]) + (", ..." if len(sites) > 4 else "")
         raise ValueError(
             f"neuron {spec!r}: no neuron site {site or spec!r}; expected <site>:<index> with one of the "
             f"{len(sites)} neuron sites ({shown})"
         )
-    shape = snapshot.site_shape(site)
+    shape = shapes[site]
     names = ("i",) if len(shape) == 1 else ("expert", "i")
     try:
         parts = tuple(int(part) for part in index.replace(" ", "").split(","))
@@ -158,14 +158,22 @@ def neuron_named(snapshot: Snapshot, spec: str) -> Neuron:
     if len(parts) != len(shape) or any(not 0 <= p < n for p, n in zip(parts, shape, strict=True)):
         bounds = " and ".join(f"0 <= {n} < {size}" for n, size in zip(names, shape, strict=True))
         raise ValueError(
-            f"neuron {spec!r}: index {index!r} does not exist in {site}; expected {','.join(names)} with {bounds}"
+            f"neuron {spec!r}: index {index!r} does not exist in {site}; "
+            f"expected {','.join(names)} with {bounds}"
         )
-    column = parts[0] if len(parts) == 1 else parts[0] * shape[1] + parts[1]
+    return site, parts
+
+
+def neuron_named(snapshot: Snapshot, spec: str) -> Neuron:
+    """The neuron ``spec`` names (as ``parse_neuron`` reads it), with the category it is most frequent in."""
+    site, index = parse_neuron(spec, {s: snapshot.site_shape(s) for s in _neuron_sites(snapshot)})
+    shape = snapshot.site_shape(site)
+    column = index[0] if len(index) == 1 else index[0] * shape[1] + index[1]
     frequency = _frequency(snapshot, site)
     row = int(frequency[:, column].argmax())
     gap = float(specificity(frequency[:, column : column + 1])[row, 0])
     return Neuron(
-        site, parts, snapshot.categories[row], gap, _per_category(frequency, column, snapshot.categories)
+        site, index, snapshot.categories[row], gap, _per_category(frequency, column, snapshot.categories)
     )
 
 

@@ -3,21 +3,44 @@ the largest activations of the probe set, recomputed by brute force from the mod
 
 from __future__ import annotations
 
+import html
 import json
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers.activations import ACT2FN
 
 import sparcom
+from analyze import analyze
+from sparcom.cli import compose
+from sparcom.config_check import ConfigError
 from sparcom.conversation import encode
-from sparcom.explain import MARK, RunningTop, explain, most_specific, neuron_named, specificity, write_neurons
+from sparcom.explain import (
+    MARK,
+    Context,
+    Neuron,
+    NeuronCard,
+    RunningTop,
+    explain,
+    most_specific,
+    neuron_named,
+    specificity,
+    write_neurons,
+)
+from sparcom.models import load_model
+from sparcom.neuron_cards import card_html
 from sparcom.sites import ARCHITECTURES
 from sparcom.snapshot import Snapshot
 
 from conftest import exact_model, per_category
 
 TOP = 5
+CHROMIUM = shutil.which("chromium")
+NEWLINE = '<span class="newline">↵</span>'
 
 
 def _counted_sequences(snapshot, records, tokenizer) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -204,3 +227,91 @@ def test_neuron_names_are_checked_with_what_exists(tmp_path):
     assert [t["activation"] for t in line["top"]] == sorted(
         (t["activation"] for t in line["top"]), reverse=True
     )
+
+
+# ------------------------------------------------------------------------------ analyze.py
+
+
+def _explained(*overrides: str, out: Path) -> list[Path]:
+    return analyze(compose("analyze", ["mode=explain", *overrides, f"out={out}"]), out)
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory) -> Path:
+    """A run folder as train.py leaves it: a saved checkpoint and the snapshot recorded at its step."""
+    run = tmp_path_factory.mktemp("explain") / "run"
+    model, tokenizer = load_model("tiny-qwen2-moe")
+    model.save_pretrained(run / "checkpoint-2")
+    tokenizer.save_pretrained(run / "checkpoint-2")
+    sparcom.record(model, tokenizer, per_category(2), step=2, progress=False).save(
+        run / "snapshots" / "snapshot-step0000002.safetensors"
+    )
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"model": {"name_or_path": "tiny-qwen2-moe", "dtype": None, "chat_template_from": None}}
+        )
+    )
+    return run
+
+
+def test_explain_a_run_writes_neurons_and_a_self_contained_report(run_folder):
+    out = run_folder / "analysis"
+    assert _explained(f"run={run_folder}", "explain.per_category=2", "explain.top=3", out=out) == [
+        out / "explain" / "report.html"
+    ]
+    snapshot = Snapshot.load(run_folder / "snapshots" / "snapshot-step0000002.safetensors")
+    expected = most_specific(snapshot, 2)  # selected on the run's own snapshot, not a new recording
+    lines = [json.loads(line) for line in (out / "explain" / "neurons.jsonl").read_text().splitlines()]
+    assert [(line["site"], line["index"], line["category"]) for line in lines] == [
+        (n.site, n.index[0] if len(n.index) == 1 else list(n.index), n.category) for n in expected
+    ]
+    probe = set(snapshot.instruction_ids)
+    assert all(t["instruction_id"] in probe for line in lines for t in line["top"])
+    assert all(len(line["top"]) == 3 for line in lines)
+
+    page = (out / "explain" / "report.html").read_text()
+    assert "explain/report.html" in (out / "index.html").read_text()
+    assert 'src="http' not in page and 'href="http' not in page  # self-contained
+    for line in lines:
+        assert f"{line['site']}:" in page
+        for top in line["top"]:
+            assert f"<mark>{html.escape(top['token']).replace(chr(10), NEWLINE)}</mark>" in page
+
+
+def test_cards_escape_what_the_model_read():
+    neuron = Neuron("model.layers.0.mlp", (3,), "code", 0.5, {"code": 0.75, "math": 0.25})
+    context = Context("code-001", 7, "<script>", 1.25, "a < b &\n", "</td>")
+    page = card_html(NeuronCard(neuron, [context]))
+    assert "<script>" not in page and '</td>"' not in page
+    assert f"a &lt; b &amp;{NEWLINE}<mark>&lt;script&gt;</mark>&lt;/td&gt;" in page
+    assert 'style="width:75.0%"' in page and 'style="width:25.0%"' in page  # the frequency bars
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium")
+def test_explain_report_renders_in_chromium(run_folder, tmp_path):
+    out = run_folder / "analysis"
+    if not (out / "explain" / "report.html").exists():
+        _explained(f"run={run_folder}", "explain.per_category=2", "explain.top=3", out=out)
+    shot = tmp_path / "explain.png"
+    subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+         "--window-size=1280,1600", (out / "explain" / "report.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    assert shot.stat().st_size > 50_000  # text, bars and highlighted tokens, not a blank page
+
+
+def test_one_neuron_card_is_printed_and_a_bad_one_named(tmp_path, capsys):
+    base = ["base=tiny-llama", "sparcom.probe.per_category=2", "explain.top=3"]
+    assert _explained(*base, "explain.neuron=model.layers.1.mlp:5", out=tmp_path) == []
+    printed = capsys.readouterr().out
+    assert printed.startswith("model.layers.1.mlp:5  (most frequent in ")
+    assert "frequency: classification " in printed and "top 3 contexts" in printed
+    assert printed.count(MARK[0]) == 3
+    with pytest.raises(
+        ConfigError,
+        match=r"^explain\.neuron: neuron 'model\.layers\.1\.mlp:500': index '500' does not exist in model\.layers\.1\.mlp; expected i with 0 <= i < 128$",
+    ):
+        _explained(*base, "explain.neuron=model.layers.1.mlp:500", out=tmp_path)
+    with pytest.raises(ConfigError, match=r"no neuron site 'model\.layers\.1\.mlp\.experts'"):
+        _explained(*base, "explain.neuron=model.layers.1.mlp.experts:2", out=tmp_path)
