@@ -68,6 +68,11 @@ def greedy_continuations(
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     rank, world = rank_and_world()
     device = input_device(hf_model)
+    # MoE models set up for training (TRL turns output_router_logits on) add the router's
+    # load-balancing loss over the attention mask, which a cached step's router logits do not match.
+    routers = (
+        {"output_router_logits": False} if getattr(hf_model.config, "output_router_logits", False) else {}
+    )
     mine: dict[int, list[int]] = {}
     rounds = math.ceil(len(batches) / world)
     with _greedy_only(hf_model):
@@ -87,6 +92,7 @@ def greedy_continuations(
                 pad_token_id=pad_id,
                 use_cache=True,
                 synced_gpus=world > 1,
+                **routers,
             )
             for row, new in zip(rows, out[:, input_ids.shape[1] :].tolist(), strict=False):
                 mine[row] = _until_stop(new, stops)

@@ -6,19 +6,29 @@ and the counts against an independent recount of prompt + continuation from the 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import Trainer, TrainingArguments
 
 import sparcom
+from callbacks import SparcomCallback
 from sparcom.conversation import encode
+from sparcom.data import load_records
+from sparcom.models import load_model
 from sparcom.sites import ARCHITECTURES
-from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, generated_path
+from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, generated_path, snapshot_series
+from sparcom.training import collate_sft, probe_set, sft_dataset
 from sparcom.workflows import write_comparison
 
 from conftest import exact_model, per_category
 from reference import Reference
 
+ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["tiny-llama", "tiny-qwen2-moe"]  # a dense model and an MoE with shared experts
 NEW_TOKENS = 10
 
@@ -147,9 +157,87 @@ def test_continuations_are_readable_beside_the_snapshot_and_compare_across_model
         check_comparable(base, prompt)
 
 
+def test_an_moe_set_up_for_training_generates_the_same():
+    """TRL turns on the router's load-balancing loss for MoE training; a batched, cached generation
+    step must not compute it (its router logits cover one token, the attention mask all of them)."""
+    model, tokenizer = exact_model("tiny-qwen2-moe")
+    records = per_category(1)
+    plain = sparcom.record(model, tokenizer, records, token_scope="generated", max_new_tokens=5, batch_size=4)
+    model.config.output_router_logits = True
+    training = sparcom.record(
+        model, tokenizer, records, token_scope="generated", max_new_tokens=5, batch_size=4
+    )
+    assert training.generated == plain.generated
+
+
 def test_bad_generation_settings_fail_before_any_work():
     model, tokenizer = exact_model("tiny-llama")
     with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
         sparcom.record(model, tokenizer, per_category(1), token_scope="generated", max_new_tokens=0)
     with pytest.raises(ValueError, match="unknown token_scope 'spoken'.*'generated'"):
         sparcom.record(model, tokenizer, per_category(1), token_scope="spoken")
+
+
+@pytest.mark.slow
+def test_callback_counts_each_checkpoints_own_words_and_restores_the_model(tmp_path):
+    model, tokenizer = load_model("tiny-olmoe")
+    model.gradient_checkpointing_enable()
+    model.config.output_router_logits = True  # as TRL trains MoE models: the router's loss is added
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=2, per_device_train_batch_size=4,
+                             report_to=[], use_cpu=True, logging_steps=1, remove_unused_columns=False)  # fmt: skip
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=sft_dataset(per_category(4), tokenizer, 256),
+        data_collator=collate_sft,
+    )
+    probe = per_category(1)
+    # One prompt per batch: the reference below generates unpadded, and float32 sums of padded
+    # batches may round differently.
+    callback = SparcomCallback(
+        tokenizer, probe, token_scope="generated", max_new_tokens=6, batch_size=1, draw_figures=False
+    )
+    trainer.add_callback(callback)
+    trainer.train()
+    assert model.training and model.is_gradient_checkpointing  # restored after every probe
+    assert all(not m._forward_pre_hooks for m in model.modules())  # no hook left attached
+
+    series = snapshot_series(tmp_path / "snapshots")
+    assert sorted(series) == [0, 2]
+    final = Snapshot.load(series[2])
+    assert final.meta["token_scope"] == "generated" and generated_path(series[2]).is_file()
+    checkpoint, _ = load_model(str(tmp_path / "checkpoint-2"))  # the weights the step-2 snapshot saw
+    for record in probe:
+        assert final.generated[record["id"]] == _greedy_one_at_a_time(checkpoint, tokenizer, record, 6)
+    assert sum(len(ids) for ids in final.generated.values()) == sum(final.tokens.values())
+
+
+@pytest.mark.slow
+def test_zero3_ranks_generate_in_step_and_record_what_one_process_records(tmp_path):
+    """train.py under DeepSpeed ZeRO-3 on two ranks: every generation step is a collective forward."""
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(ROOT / "train.py"), "experiment=smoke", f"hydra.run.dir={run_dir}", "deepspeed=zero3",
+               "logger=disabled", "sparcom.token_scope=generated", "sparcom.max_new_tokens=6"]  # fmt: skip
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("SPARCOM_RUN_STAMP", None)
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    series = snapshot_series(run_dir / "snapshots")
+    assert sorted(series) == [0, 3, 6]
+    model, tokenizer = load_model(str(run_dir / "checkpoint-6"))
+    torch.set_num_threads(1)  # as each torchrun rank ran
+    single = sparcom.record(
+        model,
+        tokenizer,
+        probe_set(load_records(), 4, 0),
+        token_scope="generated",
+        max_new_tokens=6,
+        progress=False,
+    )
+    distributed = Snapshot.load(series[6])
+    assert distributed.generated == single.generated
+    for site in single.category_counts:
+        assert torch.equal(
+            distributed.instruction_counts[site].long(), single.instruction_counts[site].long()
+        ), site
