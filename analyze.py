@@ -82,6 +82,11 @@ def analyze(cfg: AnalyzeConfig, out: Path) -> list[Path]:
     return reports
 
 
+def placement(cfg: AnalyzeConfig) -> dict:
+    """Where models loaded here go: accelerate's dispatch settings."""
+    return {"device_map": cfg.device_map, "max_memory": cfg.max_memory, "offload_folder": cfg.offload_folder}
+
+
 def recorded(cfg: AnalyzeConfig, side, records):
     """A snapshot as given, or recorded now from a model spec on the configured probe set."""
     from sparcom.snapshot import Snapshot
@@ -99,6 +104,7 @@ def recorded(cfg: AnalyzeConfig, side, records):
         token_scope=cfg.sparcom.token_scope,
         per_instruction=probe.per_instruction,
         dtype=cfg.dtype,
+        placement=placement(cfg),
     )
 
 
@@ -152,6 +158,7 @@ def ablate(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
         batch_size=a.batch_size,
         control_draws=cfg.stats.control_draws,
         dtype=cfg.dtype,
+        placement=placement(cfg),
     )
 
 
@@ -173,6 +180,7 @@ def steer(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
         batch_size=st.batch_size,
         control_draws=cfg.stats.control_draws,
         dtype=cfg.dtype,
+        placement=placement(cfg),
     )
 
 

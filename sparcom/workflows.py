@@ -65,16 +65,27 @@ def read_run(path: str | Path) -> RunFolder:
     return RunFolder(path, series, model, final_model, settings)
 
 
-def load_for_analysis(spec: dict, dtype: str | None = None):
-    """``(model, tokenizer)`` of a model spec, on the GPU when there is one. ``dtype`` (the
-    command line's) wins over the spec's; with neither, bfloat16 on a GPU and float32 on CPU."""
+def load_for_analysis(spec: dict, dtype: str | None = None, placement: dict | None = None):
+    """``(model, tokenizer)`` of a model spec. ``dtype`` (the command line's) wins over the spec's;
+    with neither, bfloat16 on a GPU and float32 on CPU. ``placement`` (``device_map``,
+    ``max_memory``, ``offload_folder``, as ``sparcom.models.load_model`` takes them) dispatches a
+    model bigger than one device; without a ``device_map`` the model goes whole to the GPU when
+    there is one."""
     import torch
 
     from sparcom.models import load_model
 
+    placement = {key: value for key, value in (placement or {}).items() if value is not None}
+    if placement.get("max_memory"):  # Hydra gives strings; accelerate wants GPU indices and bytes as ints
+        placement["max_memory"] = {
+            int(key) if str(key).isdigit() else key: int(value) if str(value).isdigit() else value
+            for key, value in placement["max_memory"].items()
+        }
     dtype = dtype or spec.get("dtype") or ("bfloat16" if torch.cuda.is_available() else "float32")
-    model, tokenizer = load_model(spec["name_or_path"], dtype, spec.get("chat_template_from"))
-    return (model.cuda() if torch.cuda.is_available() else model), tokenizer
+    model, tokenizer = load_model(spec["name_or_path"], dtype, spec.get("chat_template_from"), **placement)
+    if "device_map" not in placement and torch.cuda.is_available():
+        model = model.cuda()
+    return model, tokenizer
 
 
 def tokenizer_for(spec: dict | None, snapshot: Snapshot):
@@ -96,12 +107,13 @@ def record_model(
     batch_size: int,
     per_instruction: bool,
     dtype: str | None = None,
+    placement: dict | None = None,
 ) -> Snapshot:
     """Record a model (a spec as ``load_for_analysis`` takes) on the seeded probe set."""
     from sparcom.probe import record
     from sparcom.training import probe_set
 
-    model, tokenizer = load_for_analysis(spec, dtype)
+    model, tokenizer = load_for_analysis(spec, dtype, placement)
     probe = probe_set(records, per_category, seed)
     return record(
         model,
@@ -167,6 +179,7 @@ def write_ablation(
     batch_size: int,
     control_draws: int,
     dtype: str | None = None,
+    placement: dict | None = None,
 ) -> Path:
     """Zero each category's ISNs (selected on ``snapshot``) and, as the null, as many random
     neurons from the same sites ``control_draws`` times; measure the response loss on held-out
@@ -174,7 +187,7 @@ def write_ablation(
     from sparcom.ablation import ablation_matrices
     from sparcom.steer import held_out
 
-    model, tokenizer = load_for_analysis(model_spec, dtype)
+    model, tokenizer = load_for_analysis(model_spec, dtype, placement)
     evaluated = held_out(records, snapshot, per_category, seed)
     result = ablation_matrices(
         model, tokenizer, evaluated, snapshot, epsilon, selection_mode, seed, batch_size, control_draws
@@ -203,12 +216,13 @@ def write_steering(
     batch_size: int,
     control_draws: int,
     dtype: str | None = None,
+    placement: dict | None = None,
 ) -> Path:
     """Scale each category's ISNs by each factor and measure the response-loss change on held-out
     instructions of every category, against random neurons of the same per-site counts."""
     from sparcom.steer import dose_response, held_out, write_dose_response
 
-    model, tokenizer = load_for_analysis(model_spec, dtype)
+    model, tokenizer = load_for_analysis(model_spec, dtype, placement)
     evaluated = held_out(records, snapshot, per_category, seed)
     rows = dose_response(
         model,

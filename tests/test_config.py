@@ -141,6 +141,19 @@ BAD_ANALYZE = [
         r"^stats.control_draws: 1 is too few; expected at least 2",
     ),
     (["mode=explain", "base=x", "tuned=y"], r"^mode: 'explain' is not available yet"),
+    (["device_map=gpu", "base=x", "tuned=y"], r"^device_map: 'gpu' is unknown; expected one of \['auto'"),
+    (
+        ["+max_memory={cpu: 2GiB}", "base=x", "tuned=y"],
+        r"^max_memory: \{'cpu': '2GiB'\} needs device_map=auto",
+    ),
+    (
+        ["device_map=auto", "+max_memory={cpu: lots}", "base=x", "tuned=y"],
+        r"^max_memory\.cpu: 'lots' is not a size; expected e\.g\. 20GiB",
+    ),
+    (
+        ["device_map=auto", "+max_memory={gpu0: 2GiB}", "base=x", "tuned=y"],
+        r"^max_memory: device 'gpu0' is unknown",
+    ),
     (["mode=summarise"], r"^mode: 'summarise' is unknown; expected one of compare, ablate, steer, explain"),
     (["sparcom.epsilons=[2]", "base=x", "tuned=y"], r"^sparcom\.epsilons\[0\]: 2 is not a valid epsilon"),
     (["sweep_epsilons=[0.5,1.2]", "base=x", "tuned=y"], r"^sweep_epsilons\[1\]: 1\.2 is not a valid epsilon"),
