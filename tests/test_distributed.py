@@ -22,8 +22,17 @@ HERE = Path(__file__).parent
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2-moe"])
 def test_two_ranks_equal_one_process(preset, tmp_path):
     out = tmp_path / "reduced.safetensors"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               str(HERE / "distributed_record.py"), str(out), preset]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(HERE / "distributed_record.py"),
+        str(out),
+        preset,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=HERE)
     assert done.returncode == 0, done.stderr[-3000:]
     reduced = Snapshot.load(out)
