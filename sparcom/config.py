@@ -444,7 +444,7 @@ class AnalyzeConfig:
     data: DataSource = field(default_factory=DataSource)
     dtype: Dtype | None = None
     device_map: str | None = None
-    max_memory: dict[str, str] = field(default_factory=dict)
+    max_memory: dict[Any, Any] = field(default_factory=dict)
     offload_folder: str | None = None
     sparcom: SparcomConfig = field(default_factory=lambda: SparcomConfig(probe=ProbeConfig(per_category=200)))
     sweep_epsilons: Any = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
