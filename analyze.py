@@ -141,24 +141,26 @@ def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
     )
 
 
+def edits(cfg: AnalyzeConfig, settings):
+    """The ablation's or steering's settings (``cfg.ablate`` or ``cfg.steer``) as ``Edits``."""
+    from sparcom.workflows import Edits
+
+    return Edits(
+        epsilon=settings.epsilon,
+        selection_mode=cfg.sparcom.selection_mode,
+        per_category=settings.per_category,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        control_draws=cfg.stats.control_draws,
+    )
+
+
 def ablate(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
     from sparcom.workflows import write_ablation
 
     snapshot = recorded(cfg, item.tuned, records)
-    a = cfg.ablate
     return write_ablation(
-        out,
-        item.model,
-        snapshot,
-        records,
-        epsilon=a.epsilon,
-        selection_mode=cfg.sparcom.selection_mode,
-        per_category=a.per_category,
-        seed=a.seed,
-        batch_size=a.batch_size,
-        control_draws=cfg.stats.control_draws,
-        dtype=cfg.dtype,
-        placement=placement(cfg),
+        out, item.model, snapshot, records, edits(cfg, cfg.ablate), cfg.dtype, placement(cfg)
     )
 
 
@@ -166,22 +168,8 @@ def steer(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
     from sparcom.workflows import write_steering
 
     snapshot = recorded(cfg, item.tuned, records)
-    st = cfg.steer
-    return write_steering(
-        out,
-        item.model,
-        snapshot,
-        records,
-        scales=st.scales,
-        epsilon=st.epsilon,
-        selection_mode=cfg.sparcom.selection_mode,
-        per_category=st.per_category,
-        seed=st.seed,
-        batch_size=st.batch_size,
-        control_draws=cfg.stats.control_draws,
-        dtype=cfg.dtype,
-        placement=placement(cfg),
-    )
+    e = edits(cfg, cfg.steer)
+    return write_steering(out, item.model, snapshot, records, e, cfg.steer.scales, cfg.dtype, placement(cfg))
 
 
 @hydra.main(config_path="conf", config_name="analyze", version_base="1.3")

@@ -75,7 +75,7 @@ def load_for_analysis(spec: dict, dtype: str | None = None, placement: dict | No
 
     from sparcom.models import load_model
 
-    placement = {key: value for key, value in (placement or {}).items() if value is not None}
+    placement = {key: value for key, value in (placement or {}).items() if value}  # {}: no max_memory
     if placement.get("max_memory"):  # Hydra gives strings; accelerate wants GPU indices and bytes as ints
         placement["max_memory"] = {
             int(key) if str(key).isdigit() else key: int(value) if str(value).isdigit() else value
@@ -166,18 +166,32 @@ def write_comparison(
     return report.write_comparison(comparison, out)
 
 
+@dataclass(frozen=True)
+class Edits:
+    """Which neurons ablation and steering edit, on what they are evaluated, against what null."""
+
+    epsilon: float  # the ISNs edited: selected on the snapshot at this epsilon
+    selection_mode: str
+    per_category: int  # held-out instructions evaluated per category
+    seed: int
+    batch_size: int
+    control_draws: int  # random-neuron sets of the same per-site counts, the null
+
+
+def _edited(model_spec: dict, snapshot: Snapshot, records: list[Record], edits: Edits, dtype, placement):
+    """The model to edit and the held-out instructions it is evaluated on."""
+    from sparcom.steer import held_out
+
+    model, tokenizer = load_for_analysis(model_spec, dtype, placement)
+    return model, tokenizer, held_out(records, snapshot, edits.per_category, edits.seed)
+
+
 def write_ablation(
     out: Path,
     model_spec: dict,
     snapshot: Snapshot,
     records: list[Record],
-    *,
-    epsilon: float,
-    selection_mode: str,
-    per_category: int,
-    seed: int,
-    batch_size: int,
-    control_draws: int,
+    edits: Edits,
     dtype: str | None = None,
     placement: dict | None = None,
 ) -> Path:
@@ -185,19 +199,26 @@ def write_ablation(
     neurons from the same sites ``control_draws`` times; measure the response loss on held-out
     instructions of every category and write the report folder; returns its page."""
     from sparcom.ablation import ablation_matrices
-    from sparcom.steer import held_out
 
-    model, tokenizer = load_for_analysis(model_spec, dtype, placement)
-    evaluated = held_out(records, snapshot, per_category, seed)
+    model, tokenizer, evaluated = _edited(model_spec, snapshot, records, edits, dtype, placement)
+    e = edits
     result = ablation_matrices(
-        model, tokenizer, evaluated, snapshot, epsilon, selection_mode, seed, batch_size, control_draws
+        model,
+        tokenizer,
+        evaluated,
+        snapshot,
+        e.epsilon,
+        e.selection_mode,
+        e.seed,
+        e.batch_size,
+        e.control_draws,
     )
     return report.write_ablation(
         result,
         snapshot.categories,
         out,
         model=model_spec["name_or_path"],
-        epsilon=epsilon,
+        epsilon=e.epsilon,
         held_out=all(r["id"] not in set(snapshot.instruction_ids) for r in evaluated),
     )
 
@@ -207,34 +228,28 @@ def write_steering(
     model_spec: dict,
     snapshot: Snapshot,
     records: list[Record],
-    *,
+    edits: Edits,
     scales: list[float],
-    epsilon: float,
-    selection_mode: str,
-    per_category: int,
-    seed: int,
-    batch_size: int,
-    control_draws: int,
     dtype: str | None = None,
     placement: dict | None = None,
 ) -> Path:
     """Scale each category's ISNs by each factor and measure the response-loss change on held-out
     instructions of every category, against random neurons of the same per-site counts."""
-    from sparcom.steer import dose_response, held_out, write_dose_response
+    from sparcom.steer import dose_response, write_dose_response
 
-    model, tokenizer = load_for_analysis(model_spec, dtype, placement)
-    evaluated = held_out(records, snapshot, per_category, seed)
+    model, tokenizer, evaluated = _edited(model_spec, snapshot, records, edits, dtype, placement)
+    e = edits
     rows = dose_response(
         model,
         tokenizer,
         evaluated,
         snapshot,
-        epsilon,
-        selection_mode,
+        e.epsilon,
+        e.selection_mode,
         scales,
-        control_draws,
-        seed,
-        batch_size,
+        e.control_draws,
+        e.seed,
+        e.batch_size,
     )
     written = write_dose_response(rows, out)
     return report.write_steering(
@@ -242,6 +257,6 @@ def write_steering(
         written["figures"],
         out,
         model=model_spec["name_or_path"],
-        epsilon=epsilon,
-        control_draws=control_draws,
+        epsilon=e.epsilon,
+        control_draws=e.control_draws,
     )
