@@ -91,6 +91,11 @@ def analyze(cfg: AnalyzeConfig, out: Path) -> list[Path]:
     return reports
 
 
+def placement(cfg: AnalyzeConfig) -> dict:
+    """Where models loaded here go: accelerate's dispatch settings."""
+    return {"device_map": cfg.device_map, "max_memory": cfg.max_memory, "offload_folder": cfg.offload_folder}
+
+
 def recorded(cfg: AnalyzeConfig, side, records):
     """A snapshot as given, or recorded now from a model spec on the configured probe set."""
     from sparcom.snapshot import Snapshot
@@ -108,6 +113,7 @@ def recorded(cfg: AnalyzeConfig, side, records):
         token_scope=cfg.sparcom.token_scope,
         per_instruction=probe.per_instruction,
         dtype=cfg.dtype,
+        placement=placement(cfg),
     )
 
 
@@ -144,23 +150,26 @@ def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
     )
 
 
+def edits(cfg: AnalyzeConfig, settings):
+    """The ablation's or steering's settings (``cfg.ablate`` or ``cfg.steer``) as ``Edits``."""
+    from sparcom.workflows import Edits
+
+    return Edits(
+        epsilon=settings.epsilon,
+        selection_mode=cfg.sparcom.selection_mode,
+        per_category=settings.per_category,
+        seed=settings.seed,
+        batch_size=settings.batch_size,
+        control_draws=cfg.stats.control_draws,
+    )
+
+
 def ablate(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
     from sparcom.workflows import write_ablation
 
     snapshot = recorded(cfg, item.tuned, records)
-    a = cfg.ablate
     return write_ablation(
-        out,
-        item.model,
-        snapshot,
-        records,
-        epsilon=a.epsilon,
-        selection_mode=cfg.sparcom.selection_mode,
-        per_category=a.per_category,
-        seed=a.seed,
-        batch_size=a.batch_size,
-        control_draws=cfg.stats.control_draws,
-        dtype=cfg.dtype,
+        out, item.model, snapshot, records, edits(cfg, cfg.ablate), cfg.dtype, placement(cfg)
     )
 
 
@@ -168,21 +177,8 @@ def steer(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
     from sparcom.workflows import write_steering
 
     snapshot = recorded(cfg, item.tuned, records)
-    st = cfg.steer
-    return write_steering(
-        out,
-        item.model,
-        snapshot,
-        records,
-        scales=st.scales,
-        epsilon=st.epsilon,
-        selection_mode=cfg.sparcom.selection_mode,
-        per_category=st.per_category,
-        seed=st.seed,
-        batch_size=st.batch_size,
-        control_draws=cfg.stats.control_draws,
-        dtype=cfg.dtype,
-    )
+    e = edits(cfg, cfg.steer)
+    return write_steering(out, item.model, snapshot, records, e, cfg.steer.scales, cfg.dtype, placement(cfg))
 
 
 def explain(cfg: AnalyzeConfig, out: Path, records) -> Path | str:
@@ -209,6 +205,7 @@ def explain(cfg: AnalyzeConfig, out: Path, records) -> Path | str:
         token_scope=s.token_scope,
         max_new_tokens=s.max_new_tokens,
         dtype=cfg.dtype,
+        placement=placement(cfg),
     )
 
 

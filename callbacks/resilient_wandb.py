@@ -14,8 +14,11 @@ def _guarded(name: str):
         try:
             return original(self, *args, **kwargs)
         except Exception as err:  # noqa: BLE001 - any W&B failure: warn, carry on without W&B
-            warnings.warn(f"W&B {name} failed ({type(err).__name__}: {err}); training continues without W&B; "
-                          "snapshots are still saved", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"W&B {name} failed ({type(err).__name__}: {err}); training continues without W&B; "
+                "snapshots are still saved",
+                stacklevel=2,
+            )
             self._wandb = None  # every WandbCallback event is a no-op from here on
             return None
 

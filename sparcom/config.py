@@ -423,7 +423,10 @@ class AnalyzeConfig:
         out: the output folder (default: <run>/analysis, or analysis/<launch time>).
         data: the records probed (null: the shipped HexaInst).
         dtype: for models loaded here (null: the model preset's, else float32 on CPU, bfloat16 on a GPU).
-        device_map: where models loaded here go (null: the GPU when there is one).
+        device_map: where models loaded here go: auto (accelerate spreads a model over the GPUs, CPU
+            memory and disk), cpu, cuda, cuda:N (null: the GPU when there is one).
+        max_memory: with device_map=auto, the most each device may hold ({0: 20GiB, cpu: 60GiB}; {}: no limit).
+        offload_folder: with device_map=auto, where weights that fit nowhere else go.
         sparcom: how neurons are counted and selected.
         sweep_epsilons: the epsilons of the Jaccard-vs-epsilon curves.
         stats: resampling settings.
@@ -441,6 +444,8 @@ class AnalyzeConfig:
     data: DataSource = field(default_factory=DataSource)
     dtype: Dtype | None = None
     device_map: str | None = None
+    max_memory: dict[Any, Any] = field(default_factory=dict)
+    offload_folder: str | None = None
     sparcom: SparcomConfig = field(default_factory=lambda: SparcomConfig(probe=ProbeConfig(per_category=200)))
     sweep_epsilons: Any = field(default_factory=lambda: [round(0.05 * i, 2) for i in range(1, 20)])
     stats: StatsConfig = field(default_factory=StatsConfig)

@@ -185,9 +185,30 @@ def check_isn_training(
         )
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential", "cpu", "cuda")
+
+
+def check_placement(device_map: str | None, max_memory: dict | None, offload_folder: str | None) -> None:
+    if device_map is not None and device_map not in DEVICE_MAPS and not re.fullmatch(r"cuda:\d+", device_map):
+        raise ConfigError(
+            f"device_map: {device_map!r} is unknown; expected one of {list(DEVICE_MAPS)}, cuda:N or null"
+        )
+    for key, value in (("max_memory", max_memory), ("offload_folder", offload_folder)):
+        if value and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise ConfigError(
+                f"{key}: {value!r} needs device_map=auto (accelerate's dispatch); got device_map={device_map!r}"
+            )
+    for device, size in (max_memory or {}).items():
+        if not (str(device).isdigit() or device in ("cpu", "disk", "mps")):
+            raise ConfigError(
+                f"max_memory: device {device!r} is unknown; expected GPU indices (0, 1, ...), cpu or disk"
+            )
+        if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?", str(size)):
+            raise ConfigError(f"max_memory.{device}: {size!r} is not a size; expected e.g. 20GiB or 500MB")
+
+
 def check_analyze(cfg: AnalyzeConfig) -> None:
-    if cfg.device_map is not None:  # models load whole, on the GPU when there is one
-        raise ConfigError(f"device_map: {cfg.device_map!r} is not available yet; expected null")
+    check_placement(cfg.device_map, cfg.max_memory, cfg.offload_folder)
     cfg.sweep_epsilons = epsilon_list("sweep_epsilons", cfg.sweep_epsilons)
     for name, settings in (("ablate", cfg.ablate), ("steer", cfg.steer)):
         check_epsilon(f"{name}.epsilon", settings.epsilon)

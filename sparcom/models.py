@@ -31,10 +31,21 @@ _SMALL = dict(
 )
 _MOE = dict(num_experts_per_tok=2)
 _DEEPSEEK = dict(
-    n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=32, first_k_dense_replace=1, n_group=4,
-    topk_group=2, kv_lora_rank=16, q_lora_rank=None, qk_nope_head_dim=16, qk_rope_head_dim=8, head_dim=8,
-    v_head_dim=16, num_key_value_heads=4, **_MOE,
-)  # fmt: skip
+    n_routed_experts=8,
+    n_shared_experts=1,
+    moe_intermediate_size=32,
+    first_k_dense_replace=1,
+    n_group=4,
+    topk_group=2,
+    kv_lora_rank=16,
+    q_lora_rank=None,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    head_dim=8,
+    v_head_dim=16,
+    num_key_value_heads=4,
+    **_MOE,
+)
 
 # Tiny presets: (model_type, config overrides). Every supported architecture has one, so the tests
 # can check the recorder on each; conf/model/ exposes the three the product documents.

@@ -474,7 +474,10 @@ def write_steering(
         ["steered = evaluated", "scale", "loss change", "control mean", "control SD"],
         [[r["steered"], r["scale"], r["loss_delta"], r["control_mean"], r["control_sd"]] for r in own],
     )
-    figures_html = "".join(_figure(path, f"Scaling the {name} ISNs") for name, path in figure_paths.items())
+    figures_html = "".join(
+        _figure(path, f"{name} ISNs scaled; bold: the loss on {name} itself; one y-scale for every category")
+        for name, path in figure_paths.items()
+    )
     setting = (
         f"<p>Model {html.escape(model)}; ISNs at eps={epsilon:g}; the response loss on held-out instructions "
         f"of every category; dashed lines and bands: {control_draws} random-neuron sets of the same per-site "

@@ -8,8 +8,9 @@ resample come from ``sparcom.select`` exactly as they do for the full sample (ro
 is the full sample: all weights 1).
 
 Every pass visits the sites once, in the snapshot's order (``percentile_global`` twice: its cutoff
-spans sites), reads each site's per-instruction counts once per snapshot, and keeps only per-site
-set sizes and intersections across sites. Memory per site is the site's counts as read plus
+spans sites), reads each site's per-instruction counts once per snapshot, and keeps only set sizes
+and intersections summed per layer (so what a pass keeps grows with the
+layers, not with the experts or their width). Memory per site is the site's counts as read plus
 ``R x n`` float32 per snapshot; integer counts are exact in float32 while a resample's tokens stay
 below 2**24 (float64 beyond). ``percentile_global`` also keeps, per snapshot and category, a
 histogram of resampled counts (8 bytes x R x the largest count): about 450 MB for a pair of
@@ -69,17 +70,15 @@ class PairedBootstrap:
 @dataclass(frozen=True)
 class PassResult:
     """What a resampling pass keeps, for ``K`` snapshots, ``C`` categories, ``E`` epsilons, ``R``
-    weight rows, ``S`` neuron sites (``sites``, at ``layers``) and ``P`` compared row pairs.
+    weight rows, ``L`` layers and ``P`` compared row pairs.
 
     Attributes:
-        sizes: ``[K, C, E, R, S]`` int64 ISN set size per site.
-        intersections: ``[C, E, P, S]`` int64 per-site intersection of each compared pair (P = 0 without pairs).
+        sizes: ``[K, C, E, R, L]`` int64 ISN set size per layer (summed over the layer's neuron sites).
+        intersections: ``[C, E, P, L]`` int64 intersection of each compared pair per layer (P = 0 without pairs).
         expert_frequency: ``[K, C, R, X]`` float64 ``q`` of every expert of every router site, in
             site order (X = 0 without routers, or when not asked for).
     """
 
-    sites: list[str]
-    layers: list[int]
     sizes: torch.Tensor
     intersections: torch.Tensor
     expert_frequency: torch.Tensor
@@ -242,10 +241,11 @@ def resample_pass(
 
     sites = neuron_sites(snapshots[0])
     count = next(iter(width.values()))
-    shape = (len(snapshots), len(categories), len(epsilons), count, len(sites))
+    num_layers = _num_layers(snapshots[0])
+    shape = (len(snapshots), len(categories), len(epsilons), count, num_layers)
     sizes = torch.zeros(shape, dtype=torch.int64)
     paired = 0 if pairs is None else len(pairs[0][1])
-    intersections = torch.zeros(len(categories), len(epsilons), paired, len(sites), dtype=torch.int64)
+    intersections = torch.zeros(len(categories), len(epsilons), paired, num_layers, dtype=torch.int64)
     frequencies = [[[] for _ in categories] for _ in snapshots]
     selectors = (
         _observe_global(snapshots, sites, rows, matrices, epsilons) if mode == "percentile_global" else None
@@ -260,7 +260,7 @@ def resample_pass(
                     frequencies[k][i].append(resampled / totals[k][c].clamp(min=1)[:, None])
         if kind not in NEURON_KINDS:
             continue
-        s = sites.index(site)
+        layer = snapshots[0].site_layers[site]
         tensors = [snapshot.instruction_counts[site] for snapshot in snapshots]
         for i, c in enumerate(categories):
             resampled = [_resampled(matrices[c], tensor[rows[c][k]]) for k, tensor in enumerate(tensors)]
@@ -270,19 +270,18 @@ def resample_pass(
                     for k in range(len(snapshots))
                 ]
                 for k, sets in enumerate(chosen):
-                    sizes[k, i, e, :, s] = sets.sum(1, dtype=torch.int32)
+                    sizes[k, i, e, :, layer] += sets.sum(1, dtype=torch.int32)
                 if pairs is not None:
                     (left, left_rows), (right, right_rows) = pairs
                     both = chosen[left][left_rows] & chosen[right][right_rows]
-                    intersections[i, e, :, s] = both.sum(1, dtype=torch.int32)
+                    intersections[i, e, :, layer] += both.sum(1, dtype=torch.int32)
     expert_frequency = torch.stack(
         [
             torch.stack([torch.cat(per_site, 1) if per_site else torch.zeros(count, 0) for per_site in row])
             for row in frequencies
         ]
     ).double()
-    layers = [snapshots[0].site_layers[s] for s in sites]
-    return PassResult(sites, layers, sizes, intersections, expert_frequency)
+    return PassResult(sizes, intersections, expert_frequency)
 
 
 def _observe_global(snapshots, sites, rows, matrices, epsilons) -> list[list[list[GlobalTopFraction]]]:
@@ -304,15 +303,8 @@ def _observe_global(snapshots, sites, rows, matrices, epsilons) -> list[list[lis
 # ---------------------------------------------------------------------------- entry points
 
 
-def _profiles(result: PassResult, num_layers: int) -> torch.Tensor:
-    """``[..., R, S]`` per-site sizes -> ``[..., R, L]`` ISN count per layer."""
-    layers = torch.tensor(result.layers)
-    shape = (*result.sizes.shape[:-1], num_layers)
-    return torch.zeros(shape, dtype=torch.int64).index_add_(-1, layers, result.sizes)
-
-
 def _phase_tests(result: PassResult, snapshot: Snapshot, k: int, epsilons: Sequence[float]):
-    profiles = _profiles(result, _num_layers(snapshot))[k]  # [C, E, R, L]
+    profiles = result.sizes[k]  # [C, E, R, L]
     return {
         c: {epsilon: phase_test(profiles[i, e]) for e, epsilon in enumerate(epsilons)}
         for i, c in enumerate(snapshot.categories)

@@ -215,17 +215,30 @@ def write_dose_response(rows: list[dict], folder: str | Path) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     steered = list(dict.fromkeys(row["steered"] for row in rows))
+    limits = shared_limits(rows)
     figures = {
-        name: dose_response_figure(rows, name, folder / "figures" / f"dose_response_{name}.png")
+        name: dose_response_figure(rows, name, folder / "figures" / f"dose_response_{name}.png", limits)
         for name in steered
     }
     return {"table": table, "figures": figures}
 
 
-def dose_response_figure(rows: list[dict], steered: str, path: str | Path) -> Path:
+def shared_limits(rows: list[dict]) -> tuple[float, float]:
+    """One y-range for every steered category's figure, so that their curves read on one scale."""
+    values = [row["loss_delta"] for row in rows]
+    values += [row["control_mean"] + sign * row["control_sd"] for row in rows for sign in (-1, 1)]
+    low, high = min(values), max(values)
+    margin = 0.05 * (high - low) or 1e-6
+    return low - margin, high + margin
+
+
+def dose_response_figure(
+    rows: list[dict], steered: str, path: str | Path, limits: tuple[float, float] | None = None
+) -> Path:
     """Loss change against scale when ``steered``'s ISNs are scaled: one solid line per evaluated
-    category, its random-neuron control dashed in the same colour with a band of one control SD."""
-    figure = Figure(figsize=(6.8, 4.4), dpi=120)
+    category, its random-neuron control dashed in the same colour with a band of one control SD;
+    ``limits``: the y-range (shared by the figures meant to be compared)."""
+    figure = Figure(figsize=(6.8, 4.4), dpi=120, layout="constrained")
     axes = figure.subplots()
     mine = [row for row in rows if row["steered"] == steered]
     for index, evaluated in enumerate(dict.fromkeys(row["evaluated"] for row in mine)):
@@ -255,11 +268,12 @@ def dose_response_figure(rows: list[dict], steered: str, path: str | Path) -> Pa
         )
     axes.axhline(0, color="black", linewidth=0.6)
     axes.axvline(1, color="grey", linewidth=0.6, linestyle=":")
-    axes.set_title(f"Scaling the {steered} ISNs (dashed: random neurons, band: 1 SD)")
+    axes.set_title(f"Scaling the {steered} ISNs (dashed: random neurons, band: 1 SD)", fontsize=10)
     axes.set_xlabel("scale of the neurons' activations (1 = unchanged)")
     axes.set_ylabel("response-loss change (nats/token)")
     axes.grid(alpha=0.3)
-    axes.legend(title="evaluated on", fontsize=8)
-    figure.tight_layout()
+    if limits:
+        axes.set_ylim(*limits)
+    axes.legend(title="evaluated on", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.savefig(path)
     return Path(path)

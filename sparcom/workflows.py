@@ -65,16 +65,27 @@ def read_run(path: str | Path) -> RunFolder:
     return RunFolder(path, series, model, final_model, settings)
 
 
-def load_for_analysis(spec: dict, dtype: str | None = None):
-    """``(model, tokenizer)`` of a model spec, on the GPU when there is one. ``dtype`` (the
-    command line's) wins over the spec's; with neither, bfloat16 on a GPU and float32 on CPU."""
+def load_for_analysis(spec: dict, dtype: str | None = None, placement: dict | None = None):
+    """``(model, tokenizer)`` of a model spec. ``dtype`` (the command line's) wins over the spec's;
+    with neither, bfloat16 on a GPU and float32 on CPU. ``placement`` (``device_map``,
+    ``max_memory``, ``offload_folder``, as ``sparcom.models.load_model`` takes them) dispatches a
+    model bigger than one device; without a ``device_map`` the model goes whole to the GPU when
+    there is one."""
     import torch
 
     from sparcom.models import load_model
 
+    placement = {key: value for key, value in (placement or {}).items() if value}  # {}: no max_memory
+    if placement.get("max_memory"):  # Hydra gives strings; accelerate wants GPU indices and bytes as ints
+        placement["max_memory"] = {
+            int(key) if str(key).isdigit() else key: int(value) if str(value).isdigit() else value
+            for key, value in placement["max_memory"].items()
+        }
     dtype = dtype or spec.get("dtype") or ("bfloat16" if torch.cuda.is_available() else "float32")
-    model, tokenizer = load_model(spec["name_or_path"], dtype, spec.get("chat_template_from"))
-    return (model.cuda() if torch.cuda.is_available() else model), tokenizer
+    model, tokenizer = load_model(spec["name_or_path"], dtype, spec.get("chat_template_from"), **placement)
+    if "device_map" not in placement and torch.cuda.is_available():
+        model = model.cuda()
+    return model, tokenizer
 
 
 def tokenizer_for(spec: dict | None, snapshot: Snapshot):
@@ -96,12 +107,13 @@ def record_model(
     batch_size: int,
     per_instruction: bool,
     dtype: str | None = None,
+    placement: dict | None = None,
 ) -> Snapshot:
     """Record a model (a spec as ``load_for_analysis`` takes) on the seeded probe set."""
     from sparcom.probe import record
     from sparcom.training import probe_set
 
-    model, tokenizer = load_for_analysis(spec, dtype)
+    model, tokenizer = load_for_analysis(spec, dtype, placement)
     probe = probe_set(records, per_category, seed)
     return record(
         model,
@@ -154,37 +166,59 @@ def write_comparison(
     return report.write_comparison(comparison, out)
 
 
+@dataclass(frozen=True)
+class Edits:
+    """Which neurons ablation and steering edit, on what they are evaluated, against what null."""
+
+    epsilon: float  # the ISNs edited: selected on the snapshot at this epsilon
+    selection_mode: str
+    per_category: int  # held-out instructions evaluated per category
+    seed: int
+    batch_size: int
+    control_draws: int  # random-neuron sets of the same per-site counts, the null
+
+
+def _edited(model_spec: dict, snapshot: Snapshot, records: list[Record], edits: Edits, dtype, placement):
+    """The model to edit and the held-out instructions it is evaluated on."""
+    from sparcom.steer import held_out
+
+    model, tokenizer = load_for_analysis(model_spec, dtype, placement)
+    return model, tokenizer, held_out(records, snapshot, edits.per_category, edits.seed)
+
+
 def write_ablation(
     out: Path,
     model_spec: dict,
     snapshot: Snapshot,
     records: list[Record],
-    *,
-    epsilon: float,
-    selection_mode: str,
-    per_category: int,
-    seed: int,
-    batch_size: int,
-    control_draws: int,
+    edits: Edits,
     dtype: str | None = None,
+    placement: dict | None = None,
 ) -> Path:
     """Zero each category's ISNs (selected on ``snapshot``) and, as the null, as many random
     neurons from the same sites ``control_draws`` times; measure the response loss on held-out
     instructions of every category and write the report folder; returns its page."""
     from sparcom.ablation import ablation_matrices
-    from sparcom.steer import held_out
 
-    model, tokenizer = load_for_analysis(model_spec, dtype)
-    evaluated = held_out(records, snapshot, per_category, seed)
+    model, tokenizer, evaluated = _edited(model_spec, snapshot, records, edits, dtype, placement)
+    e = edits
     result = ablation_matrices(
-        model, tokenizer, evaluated, snapshot, epsilon, selection_mode, seed, batch_size, control_draws
+        model,
+        tokenizer,
+        evaluated,
+        snapshot,
+        e.epsilon,
+        e.selection_mode,
+        e.seed,
+        e.batch_size,
+        e.control_draws,
     )
     return report.write_ablation(
         result,
         snapshot.categories,
         out,
         model=model_spec["name_or_path"],
-        epsilon=epsilon,
+        epsilon=e.epsilon,
         held_out=all(r["id"] not in set(snapshot.instruction_ids) for r in evaluated),
     )
 
@@ -194,33 +228,28 @@ def write_steering(
     model_spec: dict,
     snapshot: Snapshot,
     records: list[Record],
-    *,
+    edits: Edits,
     scales: list[float],
-    epsilon: float,
-    selection_mode: str,
-    per_category: int,
-    seed: int,
-    batch_size: int,
-    control_draws: int,
     dtype: str | None = None,
+    placement: dict | None = None,
 ) -> Path:
     """Scale each category's ISNs by each factor and measure the response-loss change on held-out
     instructions of every category, against random neurons of the same per-site counts."""
-    from sparcom.steer import dose_response, held_out, write_dose_response
+    from sparcom.steer import dose_response, write_dose_response
 
-    model, tokenizer = load_for_analysis(model_spec, dtype)
-    evaluated = held_out(records, snapshot, per_category, seed)
+    model, tokenizer, evaluated = _edited(model_spec, snapshot, records, edits, dtype, placement)
+    e = edits
     rows = dose_response(
         model,
         tokenizer,
         evaluated,
         snapshot,
-        epsilon,
-        selection_mode,
+        e.epsilon,
+        e.selection_mode,
         scales,
-        control_draws,
-        seed,
-        batch_size,
+        e.control_draws,
+        e.seed,
+        e.batch_size,
     )
     written = write_dose_response(rows, out)
     return report.write_steering(
@@ -228,8 +257,8 @@ def write_steering(
         written["figures"],
         out,
         model=model_spec["name_or_path"],
-        epsilon=epsilon,
-        control_draws=control_draws,
+        epsilon=e.epsilon,
+        control_draws=e.control_draws,
     )
 
 
@@ -260,6 +289,7 @@ def write_explanation(
     token_scope: str,
     max_new_tokens: int,
     dtype: str | None = None,
+    placement: dict | None = None,
 ) -> Path | str:
     """The neuron explorer: each category's ``per_category`` most specific neurons in ``snapshot``
     (None: recorded now on the seeded probe set), their ``top`` probe contexts, written as
@@ -279,7 +309,7 @@ def write_explanation(
 
     if neuron and snapshot is not None:
         named(lambda: neuron_named(snapshot, neuron))
-    model, tokenizer = load_for_analysis(model_spec, dtype)
+    model, tokenizer = load_for_analysis(model_spec, dtype, placement)
     if neuron and snapshot is None:
         shapes = {site.name: site.shape for site, _ in find_sites(model) if site.kind != "router"}
         named(lambda: parse_neuron(neuron, shapes))

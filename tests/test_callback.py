@@ -17,8 +17,16 @@ from conftest import per_category
 def test_callback_in_a_plain_trainer(tmp_path):
     model, tokenizer = load_model("tiny-olmoe")
     model.gradient_checkpointing_enable()
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, save_steps=2, per_device_train_batch_size=4,
-                             report_to=[], use_cpu=True, logging_steps=1, remove_unused_columns=False)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        remove_unused_columns=False,
+    )
     trainer = Trainer(
         model=model,
         args=args,

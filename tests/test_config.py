@@ -153,6 +153,19 @@ BAD_ANALYZE = [
         r"^explain\.neuron: 'mlp' is not a neuron; expected <site>:<i>, or <site>:<expert>,<i>",
     ),
     (["mode=explain", "base=tiny-llama", "explain.top=0"], r"^explain\.top: 0 is not allowed"),
+    (["device_map=gpu", "base=x", "tuned=y"], r"^device_map: 'gpu' is unknown; expected one of \['auto'"),
+    (
+        ["+max_memory={cpu: 2GiB}", "base=x", "tuned=y"],
+        r"^max_memory: \{'cpu': '2GiB'\} needs device_map=auto",
+    ),
+    (
+        ["device_map=auto", "+max_memory={cpu: lots}", "base=x", "tuned=y"],
+        r"^max_memory\.cpu: 'lots' is not a size; expected e\.g\. 20GiB",
+    ),
+    (
+        ["device_map=auto", "+max_memory={gpu0: 2GiB}", "base=x", "tuned=y"],
+        r"^max_memory: device 'gpu0' is unknown",
+    ),
     (["mode=summarise"], r"^mode: 'summarise' is unknown; expected one of compare, ablate, steer, explain"),
     (["sparcom.epsilons=[2]", "base=x", "tuned=y"], r"^sparcom\.epsilons\[0\]: 2 is not a valid epsilon"),
     (["sweep_epsilons=[0.5,1.2]", "base=x", "tuned=y"], r"^sweep_epsilons\[1\]: 1\.2 is not a valid epsilon"),

@@ -242,10 +242,9 @@ def dolly(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def build(out: Path, seed: int, dolly: Path, env: dict[str, str], per_category: int = 5):
-    return run_cli(
-        "build", "--out", out, "--per-category", str(per_category), "--seed", str(seed),
-        "--dolly", dolly, "--gsm8k", GSM8K, "--mbpp", MBPP, env=env,
-    )  # fmt: skip
+    options = {"--out": out, "--per-category": per_category, "--seed": seed, "--dolly": dolly}
+    options |= {"--gsm8k": GSM8K, "--mbpp": MBPP}
+    return run_cli("build", *(str(part) for option in options.items() for part in option), env=env)
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,18 @@ HERE = Path(__file__).parent
 )
 def test_two_ranks_equal_one_process(preset, scope, tmp_path):
     out = tmp_path / "reduced.safetensors"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               str(HERE / "distributed_record.py"), str(out), preset, scope]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(HERE / "distributed_record.py"),
+        str(out),
+        preset,
+        scope,
+    ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=HERE)
     assert done.returncode == 0, done.stderr[-3000:]
     reduced = Snapshot.load(out)

@@ -157,6 +157,39 @@ def test_interventions_refuse_offloaded_weights(saved_exact_moe, small_records, 
     assert not passes  # refused before any forward
 
 
+def test_analyze_dispatches_a_model_over_cpu_and_disk_and_counts_the_same(
+    saved_exact_moe, small_records, tmp_path
+):
+    """analyze.py's device_map, max_memory and offload_folder reach accelerate: the recording it
+    makes of a model spread over CPU memory and disk equals the resident model's, count for count."""
+    from analyze import placement
+    from sparcom.cli import compose
+    from sparcom.workflows import load_for_analysis, record_model
+
+    budget = int(0.8 * _weight_bytes(load_model(str(saved_exact_moe), dtype="float64")[0]))
+    cfg = compose(
+        "analyze",
+        [
+            f"base={saved_exact_moe}",
+            f"tuned={saved_exact_moe}",
+            "device_map=auto",
+            f"+max_memory={{cpu: {budget}}}",
+            f"offload_folder={tmp_path / 'offload'}",
+        ],
+    )
+    spec = {"name_or_path": str(saved_exact_moe)}
+    dispatched, _ = load_for_analysis(spec, "float64", placement(cfg))
+    assert "disk" in dispatched.hf_device_map.values()
+    settings = dict(
+        per_category=2, seed=0, token_scope="all", batch_size=4, per_instruction=True, dtype="float64"
+    )
+    offloaded = record_model(spec, small_records, placement=placement(cfg), **settings)
+    resident = record_model(spec, small_records, **settings)
+    assert any(int(c.sum()) > 0 for c in resident.instruction_counts.values())
+    for site, counts in resident.instruction_counts.items():
+        assert torch.equal(offloaded.instruction_counts[site], counts), site
+
+
 def test_loading_options_are_checked_before_loading():
     with pytest.raises(ValueError, match="max_memory need a device_map"):
         load_model("tiny-llama", max_memory={"cpu": "1GiB"})

@@ -21,7 +21,7 @@ from sparcom.resampling import (
     resample_pass,
     sampling_stability,
 )
-from sparcom.select import GlobalTopFraction, instruction_isn, isn, top_fraction_rows
+from sparcom.select import NEURON_KINDS, GlobalTopFraction, instruction_isn, isn, top_fraction_rows
 from sparcom.snapshot import Snapshot, SnapshotError
 from sparcom.stats import expected_jaccard, layer_thirds, phase_margin
 
@@ -105,7 +105,16 @@ def test_resample_pass_equals_selection_on_weighted_frequencies(pair, mode):
     weights["math"][2] = 0  # an empty resample: zero tokens, frequencies 0
     rows = torch.arange(5)
     result = resample_pass([base, tuned], weights, [0.3, 0.6], mode, ((0, rows), (1, rows.flip(0))))
-    sites = result.sites
+    sites = [s for s, kind in base.site_kinds.items() if kind in NEURON_KINDS]
+    layer_of = torch.tensor([base.site_layers[s] for s in sites])
+
+    def per_layer(values: list[int]) -> list[int]:
+        return (
+            torch.zeros(result.sizes.shape[-1], dtype=torch.int64)
+            .index_add_(0, layer_of, torch.tensor(values))
+            .tolist()
+        )
+
     for i, category in enumerate(CATEGORIES):
         members = [n for n, c in enumerate(base.instruction_categories) if c == category]
         for e, epsilon in enumerate((0.3, 0.6)):
@@ -125,9 +134,9 @@ def test_resample_pass_equals_selection_on_weighted_frequencies(pair, mode):
                 sets.append(per_row)
             for r in range(5):
                 for k in range(2):
-                    expected = [int(sets[k][r][s].sum()) for s in sites]
+                    expected = per_layer([int(sets[k][r][s].sum()) for s in sites])
                     assert result.sizes[k, i, e, r].tolist() == expected
-                expected = [int((sets[0][r][s] & sets[1][4 - r][s]).sum()) for s in sites]
+                expected = per_layer([int((sets[0][r][s] & sets[1][4 - r][s]).sum()) for s in sites])
                 assert result.intersections[i, e, r].tolist() == expected
 
 

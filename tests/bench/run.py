@@ -1,29 +1,46 @@
-"""``make bench``: what recording costs, measured side by side in one run and printed as ratios.
+"""``make bench``: what sparcom costs, measured side by side in one run and printed as ratios.
 
 Sections: ``recording`` (tiny models: recording against a bare forward and against nnsight, peak
-memory, host synchronisations), ``training`` (the callback's overhead on a training run) and
-``scale`` (the paper's models' real layer shapes, a few layers each). ``--device cuda --dtype
-bfloat16`` runs the scale section on a GPU, where it also reports device memory and how many
-firing decisions bfloat16 changes against float32.
+memory, host synchronisations), ``training`` (the callback's overhead on a training run), ``scale``
+(recording through the paper's models' real layer shapes, a few layers each), ``analysis`` (a full
+comparison of two snapshots of each real model's shape: peak RSS and time against the size on
+disk), ``statistics`` (each statistics pass against the full-sample statistic it resamples),
+``isn`` (ISN-only fine-tuning against LoRA and full fine-tuning) and ``coverage`` (the bootstrap
+intervals' coverage over synthetic datasets; long, so not in the default run). ``--device cuda
+--dtype bfloat16`` runs the scale section on a GPU, where it also reports device memory and how
+many firing decisions bfloat16 changes against float32.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
+import analysis_scale
+import isn_vs_lora
 import recording
 import scale
 import torch
 import training
 
-SECTIONS = ("recording", "training", "scale")
+from synthetic_shapes import LAYOUTS
+
+SECTIONS = ("recording", "training", "scale", "analysis", "statistics", "isn", "coverage")
+DEFAULT = SECTIONS[:-1]
+HERE = Path(__file__).resolve().parent
+
+
+def printed(script: str, *arguments: str) -> None:
+    """A bench that prints its own table: run it as it is, its output streamed."""
+    subprocess.run([sys.executable, str(HERE / script), *arguments], check=True)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(DEFAULT))
     parser.add_argument(
         "--per-category", type=int, default=60, help="probe records per category (tiny models)"
     )
@@ -32,6 +49,10 @@ def main() -> int:
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the scale section")
     parser.add_argument("--scale-models", nargs="+", choices=list(scale.SHAPES), default=None)
     parser.add_argument("--scale-per-category", type=int, default=2, help="prompts per category (scale)")
+    parser.add_argument("--analysis-layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS))
+    parser.add_argument(
+        "--analysis-width", type=float, default=1.0, help="neuron width of the analysis snapshots (1 = real)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -59,6 +80,16 @@ def main() -> int:
         results["scale"] = scale.report(
             args.device, dtype, args.scale_per_category, args.rounds, args.scale_models
         )
+    if "analysis" in args.sections:
+        results["analysis"] = analysis_scale.report(args.analysis_layouts, width=args.analysis_width)
+    if "statistics" in args.sections:
+        print("\nstatistics passes (fresh process each)")
+        printed("stats.py")
+    if "isn" in args.sections:
+        results["isn"] = isn_vs_lora.report()
+    if "coverage" in args.sections:
+        print("\ncoverage of the 95% bootstrap intervals")
+        printed("coverage.py")
     Path("outputs").mkdir(exist_ok=True)
     Path("outputs/bench.json").write_text(json.dumps(results, indent=2, default=str))
     print("\nresults: outputs/bench.json")

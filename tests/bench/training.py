@@ -35,11 +35,24 @@ def step_seconds(preset: str, overrides: dict, with_callback: bool, steps: int) 
     records = load_records()
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, max_steps=steps, per_device_train_batch_size=8, report_to=[],
-                                 use_cpu=True, save_strategy="no", logging_steps=10**6, disable_tqdm=True,
-                                 remove_unused_columns=False)  # fmt: skip
-        trainer = Trainer(model=model, args=args, train_dataset=sft_dataset(records, tokenizer, 256),
-                          data_collator=collate_sft, callbacks=[timer])  # fmt: skip
+        args = TrainingArguments(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=8,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_steps=10**6,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=sft_dataset(records, tokenizer, 256),
+            data_collator=collate_sft,
+            callbacks=[timer],
+        )
         if with_callback:
             trainer.add_callback(
                 SparcomCallback(tokenizer, probe_set(records, 4), snapshot_dir=out + "/snapshots")
@@ -91,12 +104,20 @@ def report(models: dict, rounds: int, bare_forward) -> dict:
         # The same configuration against itself: how far apart two identical arms land on this machine.
         noise = statistics.median(halves[0]) / statistics.median(halves[1])
         snapshot, forward = snapshot_vs_forward(preset, overrides, rounds, bare_forward)
-        results[name] = {"throughput_ratio": throughput, "a_a_ratio": noise, "snapshot_s": snapshot,
-                         "probe_forward_s": forward}  # fmt: skip
-        print(f"\n{name} training: median step {statistics.median(without) * 1e3:.0f} ms without the callback, "
-              f"{statistics.median(with_) * 1e3:.0f} ms with it")  # fmt: skip
-        print(f"  throughput with / without     = {throughput:.3f}x  (target >= 0.98; "
-              f"A/A noise floor, without vs without: {noise:.3f}x)")  # fmt: skip
+        results[name] = {
+            "throughput_ratio": throughput,
+            "a_a_ratio": noise,
+            "snapshot_s": snapshot,
+            "probe_forward_s": forward,
+        }
+        print(
+            f"\n{name} training: median step {statistics.median(without) * 1e3:.0f} ms without the callback, "
+            f"{statistics.median(with_) * 1e3:.0f} ms with it"
+        )
+        print(
+            f"  throughput with / without     = {throughput:.3f}x  (target >= 0.98; "
+            f"A/A noise floor, without vs without: {noise:.3f}x)"
+        )
         print(
             f"  one snapshot / probe forward  = {snapshot / forward:.3f}x  (target <= 1.2; {snapshot:.2f}s vs {forward:.2f}s)"
         )
