@@ -246,10 +246,9 @@ class NeuronTap:
     def __enter__(self) -> NeuronTap:
         for name, (site, module) in self.sites.items():
             if site.kind == "ffn":
-                handle = module.register_forward_hook(self._ffn_hook(name))
+                self._detach.append(module.register_forward_hook(self._ffn_hook(name)).remove)
             else:
-                handle = module.register_forward_pre_hook(self._experts_hook(name, site), with_kwargs=True)
-            self._detach.append(handle.remove)
+                self._detach.append(_replace_forward(module, self._experts_forward(module, name, site)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -264,11 +263,13 @@ class NeuronTap:
 
         return hook
 
-    def _experts_hook(self, name: str, site: Site):
-        def hook(module, args, kwargs):
-            # experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]), T = B*L
-            values = [*args, *kwargs.values()]
-            hidden_states, top_k_index = values[0], values[1]
+    def _experts_forward(self, module: nn.Module, name: str, site: Site):
+        """The experts' own forward, after reading the chosen neurons. It runs where the weights are
+        in place (inside accelerate's offload wrapper, as the recorder's does)."""
+        original = module._old_forward if hasattr(module, "_hf_hook") else module.forward
+
+        def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+            # hidden_states: [T, H] with T = B*L; top_k_index: [T, k], the router's choice.
             flat = self.chosen[name].to(hidden_states.device)
             experts, neurons = flat // site.shape[1], flat % site.shape[1]
             rows = gate_weight(module)[experts, neurons]  # [K, H]
@@ -276,8 +277,9 @@ class NeuronTap:
             routed = (top_k_index[:, :, None] == experts[None, None, :]).any(1)  # [T, K]
             activation = activation.float().masked_fill(~routed, float("-inf"))
             self.activations[name] = activation.reshape(*self._shape, -1)
+            return original(hidden_states, top_k_index, top_k_weights)
 
-        return hook
+        return forward
 
 
 def _replace_forward(module: nn.Module, forward) -> Callable[[], None]:

@@ -294,10 +294,19 @@ def test_explain_report_renders_in_chromium(run_folder, tmp_path):
         _explained(f"run={run_folder}", "explain.per_category=2", "explain.top=3", out=out)
     shot = tmp_path / "explain.png"
     subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-         "--window-size=1280,1600", (out / "explain" / "report.html").as_uri()],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1280,1600",
+            (out / "explain" / "report.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     assert shot.stat().st_size > 50_000  # text, bars and highlighted tokens, not a blank page
 
 
@@ -315,3 +324,23 @@ def test_one_neuron_card_is_printed_and_a_bad_one_named(tmp_path, capsys):
         _explained(*base, "explain.neuron=model.layers.1.mlp:500", out=tmp_path)
     with pytest.raises(ConfigError, match=r"no neuron site 'model\.layers\.1\.mlp\.experts'"):
         _explained(*base, "explain.neuron=model.layers.1.mlp.experts:2", out=tmp_path)
+
+
+def test_experts_offloaded_to_disk_give_the_same_cards(tmp_path):
+    """accelerate keeps an offloaded module's weights on "meta" until its own forward loads them:
+    the explorer reads routed experts there, so a disk-offloaded model explains as a resident one."""
+    model, tokenizer = exact_model("tiny-qwen2-moe")
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    records = per_category(1)
+    snapshot = sparcom.record(model, tokenizer, records, progress=False)
+    neurons = [neuron_named(snapshot, f"model.layers.{layer}.mlp.experts:2,5") for layer in range(4)]
+    resident = explain(model, tokenizer, records, snapshot, neurons, top=3)
+    offloaded, _ = load_model(
+        str(tmp_path / "model"), dtype="float64", device_map={"": "disk"}, offload_folder=tmp_path / "offload"
+    )
+    offloaded.set_experts_implementation("eager")
+    assert offloaded.model.layers[3].mlp.experts.gate_up_proj.device.type == "meta"
+    on_disk = explain(offloaded, tokenizer, records, snapshot, neurons, top=3)
+    assert [c.to_json() for c in on_disk] == [c.to_json() for c in resident]
+    assert any(card.top for card in resident)

@@ -183,8 +183,16 @@ def test_callback_counts_each_checkpoints_own_words_and_restores_the_model(tmp_p
     model, tokenizer = load_model("tiny-olmoe")
     model.gradient_checkpointing_enable()
     model.config.output_router_logits = True  # as TRL trains MoE models: the router's loss is added
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=2, per_device_train_batch_size=4,
-                             report_to=[], use_cpu=True, logging_steps=1, remove_unused_columns=False)  # fmt: skip
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        remove_unused_columns=False,
+    )
     trainer = Trainer(
         model=model,
         args=args,
@@ -216,9 +224,21 @@ def test_callback_counts_each_checkpoints_own_words_and_restores_the_model(tmp_p
 def test_zero3_ranks_generate_in_step_and_record_what_one_process_records(tmp_path):
     """train.py under DeepSpeed ZeRO-3 on two ranks: every generation step is a collective forward."""
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(ROOT / "train.py"), "experiment=smoke", f"hydra.run.dir={run_dir}", "deepspeed=zero3",
-               "logger=disabled", "sparcom.token_scope=generated", "sparcom.max_new_tokens=6"]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "train.py"),
+        "experiment=smoke",
+        f"hydra.run.dir={run_dir}",
+        "deepspeed=zero3",
+        "logger=disabled",
+        "sparcom.token_scope=generated",
+        "sparcom.max_new_tokens=6",
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("SPARCOM_RUN_STAMP", None)
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
