@@ -3,9 +3,11 @@
 python analyze.py run=outputs/<run>                       # a train.py run: base = step 0, tuned = last
 python analyze.py base=tiny-olmoe tuned=path/to/finetuned # record both (or give .safetensors snapshots)
 python analyze.py mode=ablate run=outputs/<run>           # zero each category's ISNs, measure losses
+python analyze.py mode=explain run=outputs/<run>          # each category's most specific neurons, top contexts
+python analyze.py mode=explain base=tiny-olmoe 'explain.neuron="model.layers.3.mlp.experts:2,17"'  # one card
 python analyze.py experiment=paper                        # the paper's real-model comparisons (GPU)
 
-Each mode writes its own folder (compare/, ablate/, ...) under the analysis folder, and an
+Each mode writes its own folder (compare/, ablate/, explain/, ...) under the analysis folder, and an
 index.html there links every report. In Python: ``analyze(cfg, out)`` with ``cfg`` a
 ``sparcom.config.AnalyzeConfig``.
 """
@@ -76,8 +78,15 @@ def analyze(cfg: AnalyzeConfig, out: Path) -> list[Path]:
     from sparcom.report import write_index
 
     records = load_records(cfg.data.path)
-    work = {"compare": compare, "ablate": ablate, "steer": steer}[str(cfg.mode)]
-    reports = [work(cfg, out / item.name / str(cfg.mode), item, records) for item in inputs_of(cfg)]
+    if cfg.mode == "explain":
+        explained = explain(cfg, out / "explain", records)
+        if isinstance(explained, str):  # one neuron's card, for the terminal
+            print(explained)
+            return []
+        reports = [explained]
+    else:
+        work = {"compare": compare, "ablate": ablate, "steer": steer}[str(cfg.mode)]
+        reports = [work(cfg, out / item.name / str(cfg.mode), item, records) for item in inputs_of(cfg)]
     write_index(out)
     return reports
 
@@ -172,13 +181,43 @@ def steer(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
     return write_steering(out, item.model, snapshot, records, e, cfg.steer.scales, cfg.dtype, placement(cfg))
 
 
+def explain(cfg: AnalyzeConfig, out: Path, records) -> Path | str:
+    """A run's final model with its snapshot, or the ``base`` model recorded now; one neuron's card as text."""
+    from sparcom.workflows import explained_snapshot, read_run, write_explanation
+
+    if cfg.run:
+        run = read_run(cfg.run)
+        spec, snapshot = run.final_model, explained_snapshot(run)
+    else:
+        spec, snapshot = model_spec(cfg.base), None
+    s, e = cfg.sparcom, cfg.explain
+    return write_explanation(
+        out,
+        spec,
+        snapshot,
+        records,
+        per_category=e.per_category,
+        top=e.top,
+        neuron=e.neuron,
+        probe_per_category=s.probe.per_category,
+        seed=s.probe.seed,
+        batch_size=s.probe.batch_size,
+        token_scope=s.token_scope,
+        max_new_tokens=s.max_new_tokens,
+        dtype=cfg.dtype,
+        placement=placement(cfg),
+    )
+
+
 @hydra.main(config_path="conf", config_name="analyze", version_base="1.3")
 @cli.exits_on_bad_input
 def main(cfg: DictConfig) -> None:
     out = cli.run_dir()
-    for report in analyze(to_object(cfg), out):
+    reports = analyze(to_object(cfg), out)
+    for report in reports:
         print(f"report: {report}")
-    print(f"index: {out / 'index.html'}")
+    if reports:
+        print(f"index: {out / 'index.html'}")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,9 @@ class SparcomCallback(TrainerCallback):
     profile at ``overlap_epsilon`` are drawn to ``snapshot_dir/figures`` (and logged to W&B).
 
     Every rank runs the probe (ZeRO-3 needs all ranks in every forward); counts are summed across
-    ranks and only the main process writes and logs. A resumed run reloads its base snapshot
+    ranks and only the main process writes and logs. With ``token_scope="generated"`` each snapshot
+    counts the model's own greedy continuation of every prompt as it is at that step (at most
+    ``max_new_tokens``); the ranks generate their shares in step (``synced_gpus``), so ZeRO-3 works. A resumed run reloads its base snapshot
     from disk rather than recomputing it from resumed weights.
 
         trainer.add_callback(SparcomCallback(tokenizer, probe_records, epsilons=[0.3, 0.5, 0.7]))
@@ -52,6 +54,7 @@ class SparcomCallback(TrainerCallback):
         base: Snapshot | None = None,
         stability_splits: int | None = 20,
         seed: int = 0,
+        max_new_tokens: int = 128,
     ):
         for epsilon in [*epsilons, overlap_epsilon]:
             check_epsilon(epsilon)
@@ -61,11 +64,14 @@ class SparcomCallback(TrainerCallback):
             )
         if every_steps is not None and every_steps < 1:
             raise ValueError(f"every_steps must be a positive integer or None, got {every_steps}")
+        if token_scope == "generated" and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
         self.tokenizer = tokenizer
         self.records = list(records)
         self.epsilons = list(epsilons)
         self.selection_mode = selection_mode
         self.token_scope = token_scope
+        self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.per_instruction = per_instruction
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
@@ -149,6 +155,7 @@ class SparcomCallback(TrainerCallback):
                 per_instruction=self.per_instruction,
                 progress=False,
                 step=step,
+                max_new_tokens=self.max_new_tokens,
             )
         self.last_step = step
         if state.is_world_process_zero:

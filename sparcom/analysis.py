@@ -228,6 +228,9 @@ def token_similarity(snapshot: Snapshot, records_by_id: dict[str, Record], token
     scope = snapshot.meta["token_scope"]
     rows = []
     for instruction_id in snapshot.instruction_ids:
+        if scope == "generated":  # the model's own words, as counted
+            rows.append(torch.tensor(snapshot.generated[instruction_id], dtype=torch.long).unique())
+            continue
         encoded = encode(records_by_id[instruction_id], tokenizer)
         rows.append(torch.unique(encoded.input_ids[encoded.scope_mask(scope)]))
     vocabulary = torch.cat(rows).unique()  # only the ids that occur: a few thousand columns

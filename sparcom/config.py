@@ -47,6 +47,7 @@ class TokenScope(StrEnum):
     prompt = "prompt"
     response = "response"
     all = "all"
+    generated = "generated"
 
 
 class SelectionMode(StrEnum):
@@ -107,7 +108,8 @@ class SparcomConfig:
     Parameters:
         epsilons: ISN thresholds, each in (0, 1]; a single number is taken as a one-element list.
         selection_mode: threshold (p >= eps), percentile_layer or percentile_global (top eps fraction).
-        token_scope: the tokens counted: the prompt, the response, or all.
+        token_scope: the tokens counted: the prompt, the response, all, or generated (each model's own
+            greedy continuation of the prompt, at most max_new_tokens).
         overlap_epsilon: the epsilon of overlap matrices, layer profiles, general/unique counts and figures.
         probe: the probe set.
         max_new_tokens: tokens generated per instruction, for scopes that count generated tokens.
@@ -415,9 +417,8 @@ class AnalyzeConfig:
     Parameters:
         mode: compare (tables, figures, report), ablate (causal check), steer, explain.
         run: a train.py run folder: base = its first snapshot, tuned = its last.
-        base: a snapshot file, conf/model preset, model folder or hub id.
+        base: a snapshot file, conf/model preset, model folder or hub id (mode=ablate, steer and explain: the model).
         tuned: the same kinds, compared with base.
-        model: the model explained (mode=explain).
         pairs: several comparisons at once: [{name, base, tuned}, ...].
         out: the output folder (default: <run>/analysis, or analysis/<launch time>).
         data: the records probed (null: the shipped HexaInst).
@@ -438,7 +439,6 @@ class AnalyzeConfig:
     run: str | None = None
     base: str | None = None
     tuned: str | None = None
-    model: str | None = None
     pairs: list[PairConfig] | None = None
     out: str | None = None
     data: DataSource = field(default_factory=DataSource)

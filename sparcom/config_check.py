@@ -208,8 +208,6 @@ def check_placement(device_map: str | None, max_memory: dict | None, offload_fol
 
 
 def check_analyze(cfg: AnalyzeConfig) -> None:
-    if cfg.mode == "explain":
-        raise ConfigError(f"mode: {str(cfg.mode)!r} is not available yet; expected compare, ablate or steer")
     check_placement(cfg.device_map, cfg.max_memory, cfg.offload_folder)
     cfg.sweep_epsilons = epsilon_list("sweep_epsilons", cfg.sweep_epsilons)
     for name, settings in (("ablate", cfg.ablate), ("steer", cfg.steer)):
@@ -220,6 +218,8 @@ def check_analyze(cfg: AnalyzeConfig) -> None:
         raise ConfigError("steer.scales: [] is empty; expected factors such as [0, 0.5, 1.5, 2, 3]")
     if cfg.stats.control_draws < 2:
         raise ConfigError(f"stats.control_draws: {cfg.stats.control_draws!r} is too few; expected at least 2")
+    if cfg.mode == "explain":
+        check_explain(cfg)
     if cfg.run is not None:
         if cfg.base or cfg.tuned or cfg.pairs:
             raise ConfigError(
@@ -242,6 +242,22 @@ def check_analyze(cfg: AnalyzeConfig) -> None:
     check_inputs("", cfg.base, cfg.tuned, cfg.mode)
 
 
+def check_explain(cfg: AnalyzeConfig) -> None:
+    """mode=explain: how many neurons and contexts, and the one neuron asked for."""
+    positive("explain.per_category", cfg.explain.per_category)
+    positive("explain.top", cfg.explain.top)
+    neuron = cfg.explain.neuron
+    if neuron is not None and not re.fullmatch(r"[^:\s]+:\s*\d+(\s*,\s*\d+)?", str(neuron)):
+        raise ConfigError(
+            f"explain.neuron: {neuron!r} is not a neuron; expected <site>:<i>, or <site>:<expert>,<i> for a "
+            "routed expert (quoted on the command line: 'explain.neuron=\"model.layers.3.mlp.experts:2,17\"')"
+        )
+    if cfg.pairs or cfg.tuned:
+        raise ConfigError(
+            f"{'pairs' if cfg.pairs else 'tuned'}: given with mode=explain; expected run=<run folder> or base=<model>"
+        )
+
+
 def check_inputs(prefix: str, base: str | None, tuned: str | None, mode: str) -> None:
     """base and tuned of one comparison: what each mode needs, files that exist, known presets."""
     if not base:
@@ -254,7 +270,7 @@ def check_inputs(prefix: str, base: str | None, tuned: str | None, mode: str) ->
             f"{prefix}tuned: null; expected a snapshot file, conf/model preset, model folder "
             f"or hub id to compare with {prefix}base"
         )
-    if mode in ("ablate", "steer"):
+    if mode in ("ablate", "steer", "explain"):
         key, spec = (f"{prefix}tuned", tuned) if tuned else (f"{prefix}base", base)
         if spec.endswith(".safetensors"):
             raise ConfigError(

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from sparcom import __version__
-from sparcom.conversation import TOKEN_SCOPES, Encoded, encode
+from sparcom.conversation import TOKEN_SCOPES, Encoded, continued, encode
 from sparcom.data import CATEGORIES, Record
+from sparcom.generation import greedy_continuations
 from sparcom.host_rows import HostRows, count_dtype
+from sparcom.placement import input_device, rank_and_world
 from sparcom.recorder import Recorder, inference_mode
 from sparcom.sites import unwrap
 from sparcom.snapshot import Snapshot, dataset_hash
@@ -25,12 +28,6 @@ def length_bucketed(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Batches of indices, longest first, so rows in a batch have similar length and padding is small."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def record(
@@ -43,6 +40,7 @@ def record(
     max_length: int | None = None,
     progress: bool = True,
     step: int | None = None,
+    max_new_tokens: int = 128,
 ) -> Snapshot:
     """Count how often every FFN neuron, expert neuron and expert fires on each category's tokens.
 
@@ -50,10 +48,13 @@ def record(
         model: a supported HF causal LM (optionally wrapped by PEFT/DeepSpeed); left in its mode.
         tokenizer: its tokenizer, with a chat template.
         records: HexaInst-schema dicts.
-        token_scope: "prompt", "response" or "all": which tokens are counted.
+        token_scope: "prompt", "response" or "all": which tokens of each record's conversation are
+            counted; "generated": the model's own greedy continuation of each prompt
+            (``sparcom.generation``), kept on the snapshot (``snapshot.generated``).
         batch_size: rows per forward; batches are length-bucketed, so padding is small and never counted.
         per_instruction: also keep counts per instruction (needed for overlap matrices).
         step: training step stored in the snapshot's metadata.
+        max_new_tokens: the longest continuation generated (token_scope "generated").
 
     Returns category counts as int64 and per-instruction counts in the narrowest integer dtype
     that holds them (int16 while no instruction counts more than 32,767 tokens, else int32), on
@@ -72,18 +73,27 @@ def record(
         raise ValueError(f"unknown token_scope {token_scope!r}; expected one of {list(TOKEN_SCOPES)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    if token_scope == "generated" and max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
     if not records:
         raise ValueError("no records to record")
     unknown = sorted({r["category"] for r in records} - set(CATEGORIES))
     if unknown:
         raise ValueError(f"unknown categories {unknown}; expected {list(CATEGORIES)}")
     categories = [c for c in CATEGORIES if any(r["category"] == c for r in records)]
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
 
     encoded = [
         encode(r, tokenizer, max_length).needed_for(token_scope)
         for r in tqdm(records, desc="tokenize", disable=not progress or rank)
     ]
+    continuations = None
+    if token_scope == "generated":
+        with failing_together(rank, world), inference_mode(model):
+            continuations = greedy_continuations(
+                model, tokenizer, encoded, max_new_tokens, batch_size, progress
+            )
+        encoded = [continued(e, c) for e, c in zip(encoded, continuations, strict=True)]
     tokens = torch.tensor([int(e.scope_mask(token_scope).sum()) for e in encoded], dtype=torch.int64)
     category_of = torch.tensor([categories.index(r["category"]) for r in records])
     category_tokens = _sum_rows(tokens, category_of, len(categories))
@@ -98,17 +108,8 @@ def record(
         shapes = {name: site.shape for name, site in sites.items()}
         host = HostRows(shapes, len(records), count_dtype(int(tokens.max())), batch_size, pin)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    try:
-        with inference_mode(model), recorder:
-            run_batches(model, recorder, host, encoded, batches, category_of, token_scope, pad_id, progress)
-    except Exception as err:
-        if world == 1:
-            raise
-        # The other ranks are blocked in a collective that this rank will never join. Raising ends
-        # this process; the launcher (torchrun, accelerate) then stops every rank of the job.
-        raise RuntimeError(
-            f"sparcom probe failed on rank {rank} of {world}: {type(err).__name__}: {err}"
-        ) from err
+    with failing_together(rank, world), inference_mode(model), recorder:
+        run_batches(model, recorder, host, encoded, batches, category_of, token_scope, pad_id, progress)
 
     totals = _category_totals(recorder, len(categories), world)
     instruction_counts = None if host is None else _instruction_counts(host, batches, world)
@@ -131,8 +132,30 @@ def record(
             "step": step,
             "sparcom_version": __version__,
             "category_instructions": {c: sum(r["category"] == c for r in records) for c in categories},
+            **({"max_new_tokens": max_new_tokens} if continuations is not None else {}),
         },
+        generated={}
+        if continuations is None
+        else {r["id"]: c for r, c in zip(records, continuations, strict=True)},
+        generated_text={}
+        if continuations is None
+        else {r["id"]: tokenizer.decode(c) for r, c in zip(records, continuations, strict=True)},
     )
+
+
+@contextlib.contextmanager
+def failing_together(rank: int, world: int) -> Iterator[None]:
+    """Under torch.distributed, an error on one rank names the rank. The other ranks are blocked in a
+    collective that this rank will never join: raising ends this process, and the launcher
+    (torchrun, accelerate) then stops every rank of the job."""
+    try:
+        yield
+    except Exception as err:
+        if world == 1:
+            raise
+        raise RuntimeError(
+            f"sparcom probe failed on rank {rank} of {world}: {type(err).__name__}: {err}"
+        ) from err
 
 
 def run_batches(
@@ -150,9 +173,9 @@ def run_batches(
     recorder's category totals and, batch by batch, every row to ``host`` (in recording order:
     batch after batch). No host synchronisation: inputs go to the device without waiting, and
     nothing is read back until the loop is over."""
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     starts = _starts(batches)
-    device = _input_device(unwrap(model))
+    device = input_device(unwrap(model))
     # ZeRO-3 makes every forward collective: all ranks run ceil(n / world) batches, empty ones included.
     rounds = math.ceil(len(batches) / world)
     for index in tqdm(
@@ -213,13 +236,6 @@ def _instruction_counts(host: HostRows, batches: list[list[int]], world: int) ->
     position[[i for batch in batches for i in batch]] = torch.arange(count)
     # One site at a time, so the reordering needs one site's rows more, not a second copy of all.
     return {site: rows.pop(site).index_select(0, position) for site in list(rows)}
-
-
-def _input_device(model: nn.Module) -> torch.device:
-    """Where input ids go: the embedding's device (an offloaded embedding is on "meta"; accelerate's
-    hooks then move the inputs themselves)."""
-    weight = model.get_input_embeddings().weight
-    return torch.device("cpu") if weight.device.type == "meta" else weight.device
 
 
 def _collective_device() -> torch.device:

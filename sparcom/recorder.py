@@ -17,6 +17,9 @@ hands them to the caller, which moves them to host memory (``sparcom.host_rows``
 counts is one batch's rows plus the category totals, whatever the number of instructions
 (``count_memory``); the loop makes no host synchronisation (no ``.item()``/``.cpu()``), so
 accelerator work stays asynchronous.
+
+``NeuronTap`` reads the activation values of a few chosen neurons at every token instead (the
+neuron explorer, ``sparcom.explain``), under the same rules of what a neuron sees.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparcom.sites import Site, find_sites
+from sparcom.sites import Site, find_sites, gate_weight
 
 
 @dataclass
@@ -208,6 +211,75 @@ class Recorder:
         selected.index_add_(0, cell, torch.ones(cell.shape, dtype=torch.float32, device=gate.device))
         self._keep(names["experts"], neurons.view(rows + 1, num_experts, -1)[:rows])
         self._keep(names["router"], selected.view(rows + 1, num_experts)[:rows])
+
+
+class NeuronTap:
+    """The activations ``act(gate(x))`` of a few chosen neurons at every token, batch by batch.
+
+    ``chosen``: site -> ``[K]`` long, flat indices into the site's neurons (``i`` of ``[d_ff]``, or
+    ``e * d_expert + i`` of ``[num_experts, d_expert]``). Use as a context manager; per batch:
+    ``set_batch(rows, length)``, the model's forward, then read ``activations``: site ->
+    ``[B, L, K]`` float32 on the site's device, valid until the next ``set_batch``. A routed-expert
+    neuron reads ``-inf`` on tokens the router did not send to its expert: it does not fire there,
+    and the counts leave those tokens out too.
+
+    Dense FFNs are read from the output of their activation module (the value the model computes);
+    routed experts from the inputs of the fused experts module (the router's actual selection),
+    projecting the chosen neurons' gate rows only.
+    """
+
+    def __init__(self, model: nn.Module, chosen: dict[str, torch.Tensor]):
+        found = {site.name: (site, module) for site, module in find_sites(model)}
+        unknown = sorted(set(chosen) - {n for n, (s, _) in found.items() if s.kind != "router"})
+        if unknown:
+            raise ValueError(f"no neuron site {unknown[0]!r} in this model")
+        self.sites = {name: found[name] for name in chosen}
+        self.chosen = chosen
+        self.activations: dict[str, torch.Tensor] = {}
+        self._shape: tuple[int, int] = (0, 0)
+        self._detach: list[Callable[[], None]] = []
+
+    def set_batch(self, rows: int, length: int) -> None:
+        self._shape = (rows, length)
+        self.activations = {}
+
+    def __enter__(self) -> NeuronTap:
+        for name, (site, module) in self.sites.items():
+            if site.kind == "ffn":
+                self._detach.append(module.register_forward_hook(self._ffn_hook(name)).remove)
+            else:
+                self._detach.append(_replace_forward(module, self._experts_forward(module, name, site)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for detach in self._detach:
+            detach()
+        self._detach.clear()
+
+    def _ffn_hook(self, name: str):
+        def hook(module, args, output):
+            columns = self.chosen[name].to(output.device)
+            self.activations[name] = output.index_select(-1, columns).reshape(*self._shape, -1).float()
+
+        return hook
+
+    def _experts_forward(self, module: nn.Module, name: str, site: Site):
+        """The experts' own forward, after reading the chosen neurons. It runs where the weights are
+        in place (inside accelerate's offload wrapper, as the recorder's does)."""
+        original = module._old_forward if hasattr(module, "_hf_hook") else module.forward
+
+        def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+            # hidden_states: [T, H] with T = B*L; top_k_index: [T, k], the router's choice.
+            flat = self.chosen[name].to(hidden_states.device)
+            experts, neurons = flat // site.shape[1], flat % site.shape[1]
+            rows = gate_weight(module)[experts, neurons]  # [K, H]
+            activation = module.act_fn(hidden_states.to(rows.dtype) @ rows.T)  # [T, K]
+            routed = (top_k_index[:, :, None] == experts[None, None, :]).any(1)  # [T, K]
+            activation = activation.float().masked_fill(~routed, float("-inf"))
+            self.activations[name] = activation.reshape(*self._shape, -1)
+            return original(hidden_states, top_k_index, top_k_weights)
+
+        return forward
 
 
 def _replace_forward(module: nn.Module, forward) -> Callable[[], None]:

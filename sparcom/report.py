@@ -307,7 +307,12 @@ def _header(c: Comparison) -> str:
     rows += [
         (
             "probe",
-            f"{sum(s.instructions.values())} instructions ({per_category} per category), {s.token_scope} tokens",
+            f"{sum(s.instructions.values())} instructions ({per_category} per category), {s.token_scope} tokens"
+            + (
+                ": each model counted on its own greedy continuation, so the tokens differ between the two"
+                if s.token_scope == "generated"
+                else ""
+            ),
         ),
         (
             "selection",

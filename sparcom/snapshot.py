@@ -5,6 +5,10 @@ rename) and one tensor at a time. Raw counts are kept, not sets, so any epsilon 
 later without a forward pass. A loaded snapshot is lazy: its metadata is read at once, and each
 site's counts only when that site is asked for, so analyses can stream over sites of snapshots
 far larger than memory.
+
+A snapshot of the ``"generated"`` token scope also holds each instruction's continuation (the
+token ids counted) in the file's JSON header, so the file alone says which tokens were counted;
+``save`` writes the decoded text beside it, ``<name>.generated.jsonl``, for reading.
 """
 
 from __future__ import annotations
@@ -46,7 +50,10 @@ class Snapshot:
         instruction_counts: site -> ``[N, *shape]`` in the narrowest lossless integer dtype
             (int16 or int32; cast before arithmetic), or None.
         meta: model, model_type, config_hash, dataset_hash, token_scope, step, sparcom_version,
-            category_instructions (instructions per category).
+            category_instructions (instructions per category); max_new_tokens (generated scope).
+        generated: instruction id -> the token ids of the model's own continuation that were
+            counted (token scope "generated"; without the end-of-sequence token), else empty.
+        generated_text: instruction id -> that continuation decoded.
 
     The count mappings of a loaded snapshot read each site from disk when it is accessed.
     """
@@ -61,6 +68,8 @@ class Snapshot:
     instruction_tokens: torch.Tensor | None = None
     instruction_counts: Mapping[str, torch.Tensor] | None = None
     meta: dict = field(default_factory=dict)
+    generated: dict[str, list[int]] = field(default_factory=dict)
+    generated_text: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.instruction_categories and "category_instructions" not in self.meta:
@@ -130,7 +139,7 @@ class Snapshot:
     def __add__(self, other: Snapshot) -> Snapshot:
         """Join recordings of disjoint shards of one probe set (same model, sites and scope):
         category counts add, per-instruction rows are concatenated."""
-        for what in ("model_type", "config_hash", "token_scope", "step"):
+        for what in ("model_type", "config_hash", "token_scope", "step", "max_new_tokens"):
             if self.meta.get(what) != other.meta.get(what):
                 raise SnapshotError(
                     f"cannot join snapshots with different {what}: "
@@ -188,6 +197,8 @@ class Snapshot:
                 for s in self.site_kinds
             },
             meta=meta,
+            generated={**self.generated, **other.generated},
+            generated_text={**self.generated_text, **other.generated_text},
         )
 
     # ---------------------------------------------------------------------------------- disk
@@ -230,13 +241,31 @@ class Snapshot:
             "instruction_categories": self.instruction_categories,
             "meta": self.meta,
         }
+        if self.generated:
+            header |= {"generated": self.generated, "generated_text": self.generated_text}
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             tensorfile.write(temporary, planned, {"sparcom": json.dumps(header)})
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)
+        if self.generated:  # a copy for reading; the snapshot holds what counts
+            _write_atomically(generated_path(path), self._generated_lines().encode())
         return path
+
+    def _generated_lines(self) -> str:
+        """One JSON line per continuation: the instruction, its category, its length and its text."""
+        category = dict(zip(self.instruction_ids, self.instruction_categories, strict=True))
+        lines = [
+            {
+                "instruction_id": instruction,
+                **({"category": category[instruction]} if instruction in category else {}),
+                "tokens": len(ids),
+                "text": self.generated_text.get(instruction, ""),
+            }
+            for instruction, ids in self.generated.items()
+        ]
+        return "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
 
     @classmethod
     def load(cls, path: str | Path) -> Snapshot:
@@ -286,7 +315,24 @@ class Snapshot:
             if per_instruction
             else None,
             meta=meta,
+            generated=header.get("generated", {}),
+            generated_text=header.get("generated_text", {}),
         )
+
+
+def generated_path(path: str | Path) -> Path:
+    """Where a snapshot's continuations are written as text: ``<name>.generated.jsonl`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name.removesuffix(".safetensors") + ".generated.jsonl")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 class _Row(Mapping[str, torch.Tensor]):
@@ -343,6 +389,9 @@ def check_comparable(a: Snapshot, b: Snapshot, names: tuple[str, str] = ("base",
         ("token scope", a.meta.get("token_scope"), b.meta.get("token_scope")),
         ("categories", a.categories, b.categories),
     ]
+    if a.meta.get("token_scope") == "generated":
+        # Each model is counted on its own continuation: the tokens differ by design, their budget may not.
+        checks.append(("max_new_tokens", a.meta.get("max_new_tokens"), b.meta.get("max_new_tokens")))
     for what, left, right in checks:
         if left != right:
             raise SnapshotError(

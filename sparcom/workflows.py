@@ -13,7 +13,7 @@ from sparcom.analysis import token_similarity
 from sparcom.comparison import Statistics, compare
 from sparcom.data import Record
 from sparcom.drift import read_drift
-from sparcom.snapshot import Snapshot, SnapshotError, snapshot_series
+from sparcom.snapshot import Snapshot, SnapshotError, dataset_hash, snapshot_series
 
 REPORT = "report.html"
 
@@ -260,3 +260,100 @@ def write_steering(
         epsilon=e.epsilon,
         control_draws=e.control_draws,
     )
+
+
+def explained_snapshot(run: RunFolder) -> Snapshot:
+    """The snapshot of a run's final model: recorded at its last checkpoint's step (the callback
+    records at every save), else its last snapshot."""
+    step = _checkpoint_step(run.final_model["name_or_path"])
+    return Snapshot.load(run.series.get(step, run.series[max(run.series)]))
+
+
+def _checkpoint_step(path: str) -> int | None:
+    name = Path(path).name
+    return int(name.rsplit("-", 1)[1]) if name.startswith("checkpoint-") else None
+
+
+def write_explanation(
+    out: Path,
+    model_spec: dict,
+    snapshot: Snapshot | None,
+    records: list[Record],
+    *,
+    per_category: int,
+    top: int,
+    neuron: str | None,
+    probe_per_category: int,
+    seed: int,
+    batch_size: int,
+    token_scope: str,
+    max_new_tokens: int,
+    dtype: str | None = None,
+    placement: dict | None = None,
+) -> Path | str:
+    """The neuron explorer: each category's ``per_category`` most specific neurons in ``snapshot``
+    (None: recorded now on the seeded probe set), their ``top`` probe contexts, written as
+    ``neurons.jsonl`` and ``report.html`` in ``out``; returns the page. With ``neuron``
+    (``<site>:<i>`` or ``<site>:<expert>,<i>``), only that neuron's card, returned as text."""
+    from sparcom.config_check import ConfigError
+    from sparcom.explain import explain, most_specific, neuron_named, parse_neuron, write_neurons
+    from sparcom.neuron_cards import card_text, write_explain_page
+    from sparcom.probe import record
+    from sparcom.sites import find_sites
+
+    def named(check) -> None:
+        try:
+            check()
+        except ValueError as err:  # the user's name for a neuron: reported on one line, before the work
+            raise ConfigError(f"explain.neuron: {err}") from err
+
+    if neuron and snapshot is not None:
+        named(lambda: neuron_named(snapshot, neuron))
+    model, tokenizer = load_for_analysis(model_spec, dtype, placement)
+    if neuron and snapshot is None:
+        shapes = {site.name: site.shape for site, _ in find_sites(model) if site.kind != "router"}
+        named(lambda: parse_neuron(neuron, shapes))
+    probe = _probe_of(snapshot, records, probe_per_category, seed)
+    if snapshot is None:
+        snapshot = record(
+            model,
+            tokenizer,
+            probe,
+            token_scope=token_scope,
+            batch_size=batch_size,
+            per_instruction=False,  # the explorer reads category counts only
+            max_new_tokens=max_new_tokens,
+        )
+    neurons = [neuron_named(snapshot, neuron)] if neuron else most_specific(snapshot, per_category)
+    cards = explain(model, tokenizer, probe, snapshot, neurons, top, batch_size, progress=True)
+    if neuron:
+        return card_text(cards[0])
+    write_neurons(cards, out / "neurons.jsonl")
+    scope = snapshot.meta.get("token_scope")
+    setting = (
+        f"{len(probe)} probe instructions, {scope} tokens; the {per_category} neurons of each category "
+        "with the largest frequency gap p(category) - max p(other category), "
+        f"{top} contexts each"
+    )
+    return write_explain_page(cards, out, model=model_spec["name_or_path"], setting=setting)
+
+
+def _probe_of(snapshot: Snapshot | None, records: list[Record], per_category: int, seed: int) -> list[Record]:
+    """The probe set a snapshot was recorded on (its instructions, by id), or the seeded one."""
+    from sparcom.training import probe_set
+
+    if snapshot is not None and snapshot.instruction_ids:
+        by_id = {r["id"]: r for r in records}
+        missing = [i for i in snapshot.instruction_ids if i not in by_id]
+        if missing:
+            raise SnapshotError(
+                f"the snapshot's instruction {missing[0]!r} is not in the data; expected the data it was recorded on"
+            )
+        return [by_id[i] for i in snapshot.instruction_ids]
+    probe = probe_set(records, per_category, seed)
+    if snapshot is not None and snapshot.meta.get("dataset_hash") != dataset_hash(probe):
+        raise SnapshotError(
+            "the snapshot has no instruction ids and was not recorded on the seeded probe set; record it "
+            "with the same sparcom.probe.per_category and seed, or with per-instruction counts"
+        )
+    return probe

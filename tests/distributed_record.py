@@ -1,4 +1,5 @@
-"""Run under torchrun: every rank records the same records; rank 0 saves the reduced snapshot."""
+"""Run under torchrun: every rank records the same records (in the token scope given, prompt by
+default); rank 0 saves the reduced snapshot."""
 
 import sys
 
@@ -12,7 +13,10 @@ from conftest import per_category
 if __name__ == "__main__":
     dist.init_process_group("gloo")
     model, tokenizer = load_model(sys.argv[2])
-    snapshot = sparcom.record(model, tokenizer, per_category(3), batch_size=4, progress=False)
+    scope = sys.argv[3] if len(sys.argv) > 3 else "prompt"
+    snapshot = sparcom.record(
+        model, tokenizer, per_category(3), token_scope=scope, max_new_tokens=8, batch_size=4, progress=False
+    )
     if dist.get_rank() == 0:
         snapshot.save(sys.argv[1])
     dist.barrier()

@@ -21,12 +21,15 @@ def _gate_rows(mlp) -> torch.Tensor:
 class Reference:
     """Attach to a model, run forwards (e.g. through sparcom.record), then call ``counts``."""
 
-    def __init__(self, model, tokenizer, records, token_scope, dense_class, moe_class):
+    def __init__(self, model, tokenizer, records, token_scope, dense_class, moe_class, sequences=None):
+        """``sequences``: ``(ids [L], counted [L] bool)`` per record, instead of its encoded conversation."""
         self.model = model
         self.records = records
-        encoded = [encode(r, tokenizer) for r in records]
-        self.index_of = {tuple(e.input_ids.tolist()): i for i, e in enumerate(encoded)}
-        self.scope = [e.scope_mask(token_scope) for e in encoded]
+        if sequences is None:
+            encoded = [encode(r, tokenizer) for r in records]
+            sequences = [(e.input_ids, e.scope_mask(token_scope)) for e in encoded]
+        self.index_of = {tuple(ids.tolist()): i for i, (ids, _) in enumerate(sequences)}
+        self.scope = [counted for _, counted in sequences]
         self.captured = []  # (module name, input [B, L, H], ids [B, L], attention [B, L])
         self.handles = []
         self._batch = None

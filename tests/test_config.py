@@ -140,7 +140,19 @@ BAD_ANALYZE = [
         ["mode=ablate", "base=tiny-llama", "stats.control_draws=1"],
         r"^stats.control_draws: 1 is too few; expected at least 2",
     ),
-    (["mode=explain", "base=x", "tuned=y"], r"^mode: 'explain' is not available yet"),
+    (
+        ["mode=explain", "base=x", "tuned=y"],
+        r"^tuned: given with mode=explain; expected run=<run folder> or base=",
+    ),
+    (
+        ["mode=explain", "base=x.safetensors"],
+        r"^base: 'x\.safetensors' is a snapshot, and mode=explain needs a model",
+    ),
+    (
+        ["mode=explain", "base=tiny-llama", "explain.neuron=mlp"],
+        r"^explain\.neuron: 'mlp' is not a neuron; expected <site>:<i>, or <site>:<expert>,<i>",
+    ),
+    (["mode=explain", "base=tiny-llama", "explain.top=0"], r"^explain\.top: 0 is not allowed"),
     (["device_map=gpu", "base=x", "tuned=y"], r"^device_map: 'gpu' is unknown; expected one of \['auto'"),
     (
         ["+max_memory={cpu: 2GiB}", "base=x", "tuned=y"],

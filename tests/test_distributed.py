@@ -19,8 +19,11 @@ HERE = Path(__file__).parent
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2-moe"])
-def test_two_ranks_equal_one_process(preset, tmp_path):
+@pytest.mark.parametrize(
+    ("preset", "scope"),
+    [("tiny-llama", "prompt"), ("tiny-qwen2-moe", "prompt"), ("tiny-qwen2-moe", "generated")],
+)
+def test_two_ranks_equal_one_process(preset, scope, tmp_path):
     out = tmp_path / "reduced.safetensors"
     command = [
         sys.executable,
@@ -32,12 +35,16 @@ def test_two_ranks_equal_one_process(preset, tmp_path):
         str(HERE / "distributed_record.py"),
         str(out),
         preset,
+        scope,
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=HERE)
     assert done.returncode == 0, done.stderr[-3000:]
     reduced = Snapshot.load(out)
     model, tokenizer = load_model(preset)
-    single = sparcom.record(model, tokenizer, per_category(3), batch_size=4, progress=False)
+    single = sparcom.record(
+        model, tokenizer, per_category(3), token_scope=scope, max_new_tokens=8, batch_size=4, progress=False
+    )
     assert reduced.tokens == single.tokens
+    assert reduced.generated == single.generated  # each rank generated its share; all were shared
     for site in single.category_counts:
         assert torch.equal(reduced.instruction_counts[site], single.instruction_counts[site]), site

@@ -5,7 +5,8 @@ memory, host synchronisations), ``training`` (the callback's overhead on a train
 (recording through the paper's models' real layer shapes, a few layers each), ``analysis`` (a full
 comparison of two snapshots of each real model's shape: peak RSS and time against the size on
 disk), ``statistics`` (each statistics pass against the full-sample statistic it resamples),
-``isn`` (ISN-only fine-tuning against LoRA and full fine-tuning) and ``coverage`` (the bootstrap
+``isn`` (ISN-only fine-tuning against LoRA and full fine-tuning), ``explain`` (the neuron
+explorer's pass and the generated token scope against the forwards they need) and ``coverage`` (the bootstrap
 intervals' coverage over synthetic datasets; long, so not in the default run). ``--device cuda
 --dtype bfloat16`` runs the scale section on a GPU, where it also reports device memory and how
 many firing decisions bfloat16 changes against float32.
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 import analysis_scale
+import explorer
 import isn_vs_lora
 import recording
 import scale
@@ -28,7 +30,7 @@ import training
 
 from synthetic_shapes import LAYOUTS
 
-SECTIONS = ("recording", "training", "scale", "analysis", "statistics", "isn", "coverage")
+SECTIONS = ("recording", "training", "scale", "analysis", "statistics", "isn", "explain", "coverage")
 DEFAULT = SECTIONS[:-1]
 HERE = Path(__file__).resolve().parent
 
@@ -87,6 +89,8 @@ def main() -> int:
         printed("stats.py")
     if "isn" in args.sections:
         results["isn"] = isn_vs_lora.report()
+    if "explain" in args.sections:
+        results["explain"] = explorer.report(args.per_category, args.rounds)
     if "coverage" in args.sections:
         print("\ncoverage of the 95% bootstrap intervals")
         printed("coverage.py")
