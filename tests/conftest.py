@@ -41,3 +41,24 @@ def exact_model(preset: str, **overrides):
     if hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():
         model.set_experts_implementation("eager")
     return model, tokenizer
+
+
+def plain_trainer(model, tokenizer, folder: Path, max_steps: int, save_steps: int):
+    """A plain transformers Trainer (not TRL's) on a few HexaInst conversations, on CPU, as a user
+    would write one around the callback."""
+    from transformers import Trainer, TrainingArguments
+
+    from sparcom.training import collate_sft, sft_dataset
+
+    args = TrainingArguments(
+        output_dir=str(folder),
+        max_steps=max_steps,
+        save_steps=save_steps,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1,
+        remove_unused_columns=False,
+    )
+    dataset = sft_dataset(per_category(4), tokenizer, 256)
+    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate_sft)

@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import pytest
-from transformers import Trainer, TrainingArguments
 
 from callbacks import SparcomCallback
 from sparcom.models import load_model
 from sparcom.snapshot import snapshot_series
-from sparcom.training import collate_sft, sft_dataset
 
-from conftest import per_category
+from conftest import per_category, plain_trainer
 
 
 @pytest.mark.slow
 def test_callback_in_a_plain_trainer(tmp_path):
     model, tokenizer = load_model("tiny-olmoe")
     model.gradient_checkpointing_enable()
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=4,
-        save_steps=2,
-        per_device_train_batch_size=4,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
-        remove_unused_columns=False,
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=sft_dataset(per_category(4), tokenizer, 256),
-        data_collator=collate_sft,
-    )
+    trainer = plain_trainer(model, tokenizer, tmp_path, max_steps=4, save_steps=2)
     callback = SparcomCallback(tokenizer, per_category(2), epsilons=[0.5], draw_figures=False)
     trainer.add_callback(callback)
     trainer.train()

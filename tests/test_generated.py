@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
 
 import sparcom
 from callbacks import SparcomCallback
@@ -22,10 +21,10 @@ from sparcom.data import load_records
 from sparcom.models import load_model
 from sparcom.sites import ARCHITECTURES
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, generated_path, snapshot_series
-from sparcom.training import collate_sft, probe_set, sft_dataset
+from sparcom.training import probe_set
 from sparcom.workflows import write_comparison
 
-from conftest import exact_model, per_category
+from conftest import exact_model, per_category, plain_trainer
 from reference import Reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,22 +182,7 @@ def test_callback_counts_each_checkpoints_own_words_and_restores_the_model(tmp_p
     model, tokenizer = load_model("tiny-olmoe")
     model.gradient_checkpointing_enable()
     model.config.output_router_logits = True  # as TRL trains MoE models: the router's loss is added
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=2,
-        save_steps=2,
-        per_device_train_batch_size=4,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1,
-        remove_unused_columns=False,
-    )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=sft_dataset(per_category(4), tokenizer, 256),
-        data_collator=collate_sft,
-    )
+    trainer = plain_trainer(model, tokenizer, tmp_path, max_steps=2, save_steps=2)
     probe = per_category(1)
     # One prompt per batch: the reference below generates unpadded, and float32 sums of padded
     # batches may round differently.
