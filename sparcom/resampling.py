@@ -40,7 +40,7 @@ from sparcom.stats import (
     estimate,
     jaccard_from_sizes,
     layer_thirds,
-    pearson_rows,
+    pearson_from_moments,
     phase_test,
 )
 
@@ -75,13 +75,15 @@ class PassResult:
     Attributes:
         sizes: ``[K, C, E, R, L]`` int64 ISN set size per layer (summed over the layer's neuron sites).
         intersections: ``[C, E, P, L]`` int64 intersection of each compared pair per layer (P = 0 without pairs).
-        expert_frequency: ``[K, C, R, X]`` float64 ``q`` of every expert of every router site, in
-            site order (X = 0 without routers, or when not asked for).
+        expert_moments: ``[C, R, 5]`` float64 sums over every expert of every router site of the
+            first two snapshots' expert frequencies ``x``, ``y``: ``x, y, x*x, y*y, x*y`` (zeros
+            when not asked for); with ``experts``, the number of experts summed over.
     """
 
     sizes: torch.Tensor
     intersections: torch.Tensor
-    expert_frequency: torch.Tensor
+    expert_moments: torch.Tensor
+    experts: int
 
 
 # ------------------------------------------------------------------------------ arguments
@@ -223,7 +225,8 @@ def resample_pass(
         epsilons, mode: the ISN selection, as in ``sparcom.select.isn``.
         pairs: ``((k_a, rows_a), (k_b, rows_b))``: intersect row ``rows_a[p]`` of snapshot ``k_a`` with
             row ``rows_b[p]`` of snapshot ``k_b``, per site.
-        experts: also keep every resample's expert frequencies ``q`` over the router sites.
+        experts: also sum the moments of the first two snapshots' expert frequencies ``q`` over
+            the router sites (what a Pearson correlation needs, kept per resample, not per expert).
     """
     names = list(names or [f"#{k}" for k in range(len(snapshots))])
     rows = _aligned_rows(snapshots, names)
@@ -246,18 +249,24 @@ def resample_pass(
     sizes = torch.zeros(shape, dtype=torch.int64)
     paired = 0 if pairs is None else len(pairs[0][1])
     intersections = torch.zeros(len(categories), len(epsilons), paired, num_layers, dtype=torch.int64)
-    frequencies = [[[] for _ in categories] for _ in snapshots]
+    moments = torch.zeros(len(categories), count, 5, dtype=torch.float64)
+    summed = 0
     selectors = (
         _observe_global(snapshots, sites, rows, matrices, epsilons) if mode == "percentile_global" else None
     )
 
     for site, kind in snapshots[0].site_kinds.items():
         if kind == "router" and experts:
-            for k, snapshot in enumerate(snapshots):
-                counts = snapshot.instruction_counts[site]
-                for i, c in enumerate(categories):
-                    resampled = _resampled(matrices[c], counts[rows[c][k]]).double()
-                    frequencies[k][i].append(resampled / totals[k][c].clamp(min=1)[:, None])
+            tensors = [snapshot.instruction_counts[site] for snapshot in snapshots[:2]]
+            for i, c in enumerate(categories):
+                x, y = (
+                    _resampled(matrices[c], tensor[rows[c][k]]).double() / totals[k][c].clamp(min=1)[:, None]
+                    for k, tensor in enumerate(tensors)
+                )
+                moments[i] += torch.stack(
+                    [x.sum(1), y.sum(1), (x * x).sum(1), (y * y).sum(1), (x * y).sum(1)], -1
+                )
+            summed += math.prod(snapshots[0].site_shape(site))
         if kind not in NEURON_KINDS:
             continue
         layer = snapshots[0].site_layers[site]
@@ -275,13 +284,7 @@ def resample_pass(
                     (left, left_rows), (right, right_rows) = pairs
                     both = chosen[left][left_rows] & chosen[right][right_rows]
                     intersections[i, e, :, layer] += both.sum(1, dtype=torch.int32)
-    expert_frequency = torch.stack(
-        [
-            torch.stack([torch.cat(per_site, 1) if per_site else torch.zeros(count, 0) for per_site in row])
-            for row in frequencies
-        ]
-    ).double()
-    return PassResult(sizes, intersections, expert_frequency)
+    return PassResult(sizes, intersections, moments, summed)
 
 
 def _observe_global(snapshots, sites, rows, matrices, epsilons) -> list[list[list[GlobalTopFraction]]]:
@@ -360,11 +363,8 @@ def paired_bootstrap(
         c: {epsilon: estimate(row[e]) for e, epsilon in enumerate(epsilons)} for c, row in rows.items()
     }
     ise_pearson = {}
-    if result.expert_frequency.shape[-1]:
-        pearson = pearson_rows(
-            result.expert_frequency[0].flatten(0, 1), result.expert_frequency[1].flatten(0, 1)
-        )
-        pearson = pearson.reshape(len(base.categories), -1)
+    if result.experts:
+        pearson = pearson_from_moments(result.expert_moments, result.experts)  # [C, R]
         rows = dict(zip(base.categories, pearson, strict=True)) | {"mean": pearson.mean(0)}
         ise_pearson = {c: estimate(row) for c, row in rows.items()}
     phases = {}

@@ -129,12 +129,14 @@ def jaccard_from_sizes(
     return torch.where(union > 0, intersection.double() / union.clamp(min=1), 1.0)
 
 
-def pearson_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``[R, n]``, ``[R, n]`` -> ``[R]`` Pearson correlation of each row pair; nan where a row is constant."""
-    x = x.double() - x.double().mean(1, keepdim=True)
-    y = y.double() - y.double().mean(1, keepdim=True)
-    denominator = torch.sqrt((x * x).sum(1) * (y * y).sum(1))
-    return torch.where(denominator > 0, (x * y).sum(1) / denominator, math.nan)
+def pearson_from_moments(moments: torch.Tensor, n: int) -> torch.Tensor:
+    """``[..., 5]`` sums ``x, y, x*x, y*y, x*y`` over ``n`` pairs -> ``[...]`` Pearson correlation;
+    nan where either side is constant (to rounding)."""
+    sx, sy, sxx, syy, sxy = moments.double().unbind(-1)
+    vx, vy = sxx - sx * sx / n, syy - sy * sy / n
+    constant = (vx <= 1e-12 * sxx) | (vy <= 1e-12 * syy)
+    r = (sxy - sx * sy / n) / torch.sqrt(vx.clamp(min=0) * vy.clamp(min=0))
+    return torch.where(constant, math.nan, r)
 
 
 def percentile_interval(draws: torch.Tensor, level: float = 0.95) -> Interval:

@@ -46,7 +46,6 @@ def test_comparison_memory_does_not_double_when_the_snapshots_do(tmp_path):
         done = subprocess.run(command, capture_output=True, text=True, cwd=HERE, check=True)
         grown[layers] = float(done.stdout.split()[-1])
     assert sizes[12] > 1.9 * sizes[6] > 50  # MB of counts on disk: it did double
-    # One site at a time, not all: the peak the comparison adds does not double with the data. What
-    # does grow is per-layer output (every resample's expert frequencies: [2, 6, 201, layers x 60]
-    # float64) and the allocator's retained pages, not the counts.
-    assert grown[12] < 1.6 * grown[6], (grown, sizes)
+    # One site at a time, not all: the peak the comparison adds does not double with the data
+    # (measured 59-64 MB at 6 layers, 64-75 MB at 12, 76-80 MB at 24).
+    assert grown[12] < 1.5 * grown[6], (grown, sizes)

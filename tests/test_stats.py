@@ -23,7 +23,7 @@ from sparcom.resampling import (
 )
 from sparcom.select import NEURON_KINDS, GlobalTopFraction, instruction_isn, isn, top_fraction_rows
 from sparcom.snapshot import Snapshot, SnapshotError
-from sparcom.stats import expected_jaccard, layer_thirds, phase_margin
+from sparcom.stats import expected_jaccard, layer_thirds, pearson_from_moments, phase_margin
 
 from synthetic import Population, draw, moe_sites, random_population
 
@@ -358,3 +358,17 @@ def test_top_fraction_rows_and_shared_global_histograms_select_what_sorting_sele
         fresh.observe(counts[:, 3000:])
         for part in (counts[:, :3000], counts[:, 3000:]):
             assert torch.equal(shared.select(part), fresh.select(part))
+
+
+def test_pearson_from_moments_equals_the_correlation_of_the_values():
+    """The bootstrap keeps five sums per resample instead of every expert's frequency: the Pearson
+    they give equals numpy's on the values themselves, and a constant side gives nan."""
+    rng = np.random.default_rng(7)
+    x = rng.dirichlet(np.ones(60), size=(4, 24)).reshape(4, -1)  # q of 60 experts x 24 routers
+    y = x + rng.normal(0, 0.003, x.shape)
+    y[3] = 0.25  # a constant side
+    sums = np.stack([x.sum(1), y.sum(1), (x * x).sum(1), (y * y).sum(1), (x * y).sum(1)], -1)
+    got = pearson_from_moments(torch.from_numpy(sums), x.shape[1])
+    for row in range(3):
+        assert float(got[row]) == pytest.approx(np.corrcoef(x[row], y[row])[0, 1], abs=1e-12)
+    assert math.isnan(float(got[3]))
