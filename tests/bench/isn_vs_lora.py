@@ -18,7 +18,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 MODEL = (
     "tiny-llama",
@@ -45,26 +44,16 @@ DISCLAIMER = (
 def run_one(method: str, steps: int) -> dict:
     """Train the preset with one method for ``steps`` SFT steps and measure it (in this process)."""
     import torch
-    from transformers import TrainerCallback
+    from training import StepTimer  # the training section's step clock
     from trl import SFTConfig, SFTTrainer
 
     import sparcom
+    from sparcom.analysis import isn_alteration
     from sparcom.data import load_records
     from sparcom.isn_training import isn_only, lora_rank_matching, select_isns
-    from sparcom.metrics import isn_alteration
     from sparcom.models import build_tiny
     from sparcom.steer import ResponseLoss, held_out
     from sparcom.training import probe_set, sft_dataset
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.seconds: list[float] = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.seconds.append(time.perf_counter() - self._start)
 
     preset, overrides = MODEL
     model, tokenizer = build_tiny(preset, **overrides)
