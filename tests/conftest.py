@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,11 @@ def exact_model(preset: str, **overrides):
     if hasattr(model, "set_experts_implementation") and model._can_set_experts_implementation():
         model.set_experts_implementation("eager")
     return model, tokenizer
+
+
+def torchrun(processes: int = 2) -> list[str]:
+    """The command prefix that starts ``processes`` ranks on this host, as a user launches them."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
 
 
 def plain_trainer(model, tokenizer, folder: Path, max_steps: int, save_steps: int):

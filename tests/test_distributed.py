@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import sparcom
 from sparcom.models import load_model
 from sparcom.snapshot import Snapshot
 
-from conftest import per_category
+from conftest import per_category, torchrun
 
 HERE = Path(__file__).parent
 
@@ -26,12 +25,7 @@ HERE = Path(__file__).parent
 def test_two_ranks_equal_one_process(preset, scope, tmp_path):
     out = tmp_path / "reduced.safetensors"
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--standalone",
+        *torchrun(),
         str(HERE / "distributed_record.py"),
         str(out),
         preset,

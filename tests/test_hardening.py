@@ -18,6 +18,8 @@ from sparcom.snapshot import Snapshot, snapshot_series
 from sparcom.training import wandb_mode
 from train import train
 
+from conftest import torchrun
+
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).parent
 
@@ -218,12 +220,7 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
     started = time.perf_counter()
     done = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *torchrun(),
             str(HERE / "distributed_failure.py"),
             "tiny-llama",
         ],

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -30,7 +29,7 @@ from sparcom.models import load_model
 from sparcom.snapshot import Snapshot, snapshot_series
 from sparcom.training import finish_wandb, sft_dataset
 
-from conftest import per_category
+from conftest import per_category, torchrun
 from wandb_log import history, run_file
 
 HERE = Path(__file__).parent
@@ -201,12 +200,7 @@ def test_isn_only_sft_under_deepspeed_zero2_in_two_processes(tmp_path):
     save_mask(mask, tmp_path / "mask.safetensors")
     run = tmp_path / "run"
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *torchrun(),
         str(HERE / "isn_zero2.py"),
         str(tmp_path / "mask.safetensors"),
         str(run),

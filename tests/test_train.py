@@ -23,6 +23,7 @@ from sparcom.snapshot import Snapshot, snapshot_series
 from sparcom.training import Launch, probe_set
 from train import train
 
+from conftest import torchrun
 from wandb_log import config, history, run, run_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,9 +32,7 @@ SMOKE = ["experiment=smoke", "sparcom.epsilons=[0.3,0.5]"]
 
 def launch(tmp_path: Path, *overrides: str, processes: int = 1) -> subprocess.Popen:
     """train.py in its own process (or torchrun's), in ``tmp_path``, as a user starts it."""
-    launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    launcher = torchrun(processes) if processes > 1 else [sys.executable]
     env = {**os.environ, "WANDB_MODE": "", "PYTHONUNBUFFERED": "1"}
     env.pop("SPARCOM_RUN_STAMP", None)
     return subprocess.Popen(
