@@ -112,6 +112,7 @@ def recorded(cfg: AnalyzeConfig, side, records):
         batch_size=probe.batch_size,
         token_scope=cfg.sparcom.token_scope,
         per_instruction=probe.per_instruction,
+        max_new_tokens=cfg.sparcom.max_new_tokens,
         dtype=cfg.dtype,
         placement=placement(cfg),
     )

@@ -106,6 +106,7 @@ def record_model(
     token_scope: str,
     batch_size: int,
     per_instruction: bool,
+    max_new_tokens: int = 128,
     dtype: str | None = None,
     placement: dict | None = None,
 ) -> Snapshot:
@@ -122,6 +123,7 @@ def record_model(
         token_scope=token_scope,
         batch_size=batch_size,
         per_instruction=per_instruction,
+        max_new_tokens=max_new_tokens,
     )
 
 

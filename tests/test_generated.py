@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, generate
 from sparcom.training import probe_set
 from sparcom.workflows import write_comparison
 
-from conftest import exact_model, per_category, plain_trainer
+from conftest import exact_model, per_category, plain_trainer, torchrun
 from reference import Reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -209,12 +208,7 @@ def test_zero3_ranks_generate_in_step_and_record_what_one_process_records(tmp_pa
     """train.py under DeepSpeed ZeRO-3 on two ranks: every generation step is a collective forward."""
     run_dir = tmp_path / "run"
     command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *torchrun(),
         str(ROOT / "train.py"),
         "experiment=smoke",
         f"hydra.run.dir={run_dir}",
@@ -245,3 +239,18 @@ def test_zero3_ranks_generate_in_step_and_record_what_one_process_records(tmp_pa
         assert torch.equal(
             distributed.instruction_counts[site].long(), single.instruction_counts[site].long()
         ), site
+
+
+def test_analyze_records_with_the_configured_continuation_length():
+    """analyze.py's sparcom.max_new_tokens reaches the recording of a model given by name."""
+    from analyze import recorded
+    from sparcom.cli import compose
+
+    cfg = compose(
+        "analyze",
+        ["base=tiny-llama", "tuned=tiny-llama", "sparcom.token_scope=generated", "sparcom.max_new_tokens=3"],
+    )
+    cfg.sparcom.probe.per_category = 1
+    snapshot = recorded(cfg, {"name_or_path": "tiny-llama"}, load_records())
+    assert snapshot.meta["max_new_tokens"] == 3
+    assert max(len(ids) for ids in snapshot.generated.values()) == 3
