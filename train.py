@@ -18,12 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparcom import cli
 from sparcom.config import TrainConfig, to_object
-from sparcom.config_check import check, check_probe_fits, check_run_dir
-from sparcom.data import load_records
+from sparcom.config_check import check, check_data
+from sparcom.run_folder import Interrupted, check_resume, check_run_dir, latest_checkpoint, record_resume
 from sparcom.training import (
     Launch,
     finish_wandb,
-    latest_checkpoint,
     log_settings,
     probe_set,
     resumable,
@@ -34,26 +33,63 @@ from sparcom.training import (
 
 def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path:
     """Fine-tune ``cfg.model`` with TRL SFT, recording snapshots into ``run_dir/snapshots`` and
-    logging drift beside the loss in W&B; returns ``run_dir``. Every rank of a job calls it."""
+    logging drift beside the loss in W&B; returns ``run_dir``. Every rank of a job calls it.
+
+    With ``cfg.resume`` the run in ``run_dir`` continues: ``cfg`` must be the run's own config
+    (``config.yaml``), but for a larger ``max_steps`` or ``num_train_epochs``, which is recorded in
+    ``resumes.jsonl``; the probe set must be the one its step-0 snapshot was recorded on; it logs to
+    the same W&B run. Ctrl-C raises ``Interrupted`` (a ``KeyboardInterrupt``) saying where the run
+    stopped and how to resume it."""
     check(cfg)  # what to_object checked, for a config built in Python
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         check_run_dir(run_dir, cfg.resume)
-    records = load_records(cfg.data.path, tuple(cfg.data.categories))
-    check_probe_fits(records, cfg.sparcom.probe.per_category)
+    records = check_data(cfg)
+    changes = check_resume(cfg, run_dir) if cfg.resume else {}
+    probe = probe_set(records, cfg.sparcom.probe.per_category, cfg.sparcom.probe.seed)
 
-    import torch  # only now: every input is checked, and these imports take seconds
+    from callbacks import SparcomCallback  # only now: every input is checked; torch takes seconds
+    from sparcom.snapshot import check_continues
+
+    resume = latest_checkpoint(run_dir) if cfg.resume is True else cfg.resume or None
+    if cfg.resume:  # drift is only drift against a base recorded on the same probe set
+        check_continues(run_dir / "snapshots", probe, cfg.sparcom.token_scope, cfg.sparcom.max_new_tokens)
+    share_cores()
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.resume:
+            record_resume(run_dir, resume, changes)
+        else:
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    wandb_running = rank == 0 and start_wandb(cfg, run_dir, launch)
+    trainer = None
+    try:
+        trainer = sft_trainer(cfg, run_dir, records, probe, wandb_running, rank)
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except KeyboardInterrupt:
+        for callback in trainer.callback_handler.callbacks if trainer else []:
+            if isinstance(callback, SparcomCallback):
+                callback.close()  # figures still being drawn are logged before the W&B run ends
+        finish_wandb(interrupted=True)
+        from tqdm import tqdm
+
+        for bar in list(getattr(tqdm, "_instances", ())):
+            bar.close()  # now, not at exit: the message below stays the last line
+        step = trainer.state.global_step if trainer else 0
+        raise Interrupted(run_dir, step, cfg.trainer.args.max_steps) from None
+    finish_wandb()  # the next job of a sweep runs in this process and must start its own W&B run
+    return run_dir
+
+
+def sft_trainer(cfg: TrainConfig, run_dir: Path, records, probe, wandb_running: bool, rank: int):
+    """The SFT trainer of a run: the model, TRL's SFTConfig from ``trainer.args``, LoRA or ISN-only
+    training, and the W&B and SPARCOM callbacks."""
+    import torch
     from trl import SFTConfig, SFTTrainer
 
     from callbacks import ResilientWandbCallback, SparcomCallback
     from sparcom.models import load_model
 
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    wandb_running = rank == 0 and start_wandb(cfg, run_dir, launch)
-
-    probe = probe_set(records, cfg.sparcom.probe.per_category, cfg.sparcom.probe.seed)
     model, tokenizer = load_model(
         cfg.model.name_or_path, cfg.model.dtype, cfg.model.chat_template_from, seed=cfg.seed
     )
@@ -84,7 +120,7 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
         peft_config = LoraConfig(task_type="CAUSAL_LM", **vars(cfg.trainer.peft))
     sparcom = cfg.sparcom
     # resumable: resuming loads every weight of the checkpoint, MoE experts included
-    trainer = resumable(SFTTrainer)(
+    return resumable(SFTTrainer)(
         model=model,
         args=args,
         train_dataset=sft_dataset(records, tokenizer, cfg.data.max_length),
@@ -111,10 +147,17 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
             ),
         ],
     )
-    resume = latest_checkpoint(run_dir) if cfg.resume is True else cfg.resume or None
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    finish_wandb()  # the next job of a sweep runs in this process and must start its own W&B run
-    return run_dir
+
+
+def share_cores() -> None:
+    """Several processes on one machine (torchrun, accelerate launch) each start as many threads as
+    there are cores; oversubscribed, they stall each other (greedy generation most of all). Give each
+    its share, unless OMP_NUM_THREADS says otherwise."""
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
 
 
 def isn_setup(cfg: TrainConfig, model, tokenizer, probe, run_dir: Path, rank: int):

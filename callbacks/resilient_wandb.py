@@ -28,9 +28,29 @@ def _guarded(name: str):
 
 class ResilientWandbCallback(WandbCallback):
     """Logs like ``report_to="wandb"``; if ``wandb.init`` or a later log call fails, a warning is
-    printed and training continues (the SparcomCallback still writes every snapshot)."""
+    printed and training continues (the SparcomCallback still writes every snapshot).
 
-    setup = _guarded("setup")
+    Where a W&B run is already active (train.py starts it with the run's whole config), the run's
+    config is left as it is: transformers would add every TrainingArguments field and the model
+    config as flat keys beside it, among them ``project: huggingface`` and a ``run_name`` that
+    contradict the run's real project and name. Only the parameter count is added."""
+
+    def setup(self, args, state, model, **kwargs):
+        if (
+            self._wandb is None or self._wandb.run is None
+        ):  # a trainer of the user's own: as transformers does
+            return _guarded("setup")(self, args, state, model, **kwargs)
+        self._initialized = True
+        if not state.is_world_process_zero:
+            return None
+        try:
+            self._wandb.define_metric("train/global_step")
+            self._wandb.define_metric("*", step_metric="train/global_step", step_sync=True)
+            self._wandb.config.update({"model/num_parameters": model.num_parameters()}, allow_val_change=True)
+        except Exception as err:  # noqa: BLE001 - W&B must never stop training
+            warnings.warn(f"W&B setup failed ({type(err).__name__}: {err}); training continues", stacklevel=2)
+        return None
+
     on_train_begin = _guarded("on_train_begin")
     on_log = _guarded("on_log")
     on_save = _guarded("on_save")

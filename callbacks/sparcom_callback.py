@@ -14,7 +14,7 @@ from sparcom.drift import TABLE_COLUMNS, DriftPoint, append_drift, drift_point, 
 from sparcom.probe import record
 from sparcom.resampling import sampling_stability
 from sparcom.select import SELECTION_MODES, check_epsilon
-from sparcom.snapshot import SNAPSHOT_NAME, Snapshot, snapshot_series
+from sparcom.snapshot import SNAPSHOT_NAME, Snapshot, check_continues, snapshot_series
 
 
 class SparcomCallback(TrainerCallback):
@@ -94,7 +94,8 @@ class SparcomCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         self.snapshot_dir = self.snapshot_dir or Path(args.output_dir) / "snapshots"
         series = snapshot_series(self.snapshot_dir)
-        if series:  # a resumed run: continue the series that is on disk
+        if series:  # a resumed run: continue the series that is on disk, if it measured the same
+            check_continues(self.snapshot_dir, self.records, self.token_scope, self.max_new_tokens)
             self.base = Snapshot.load(next(iter(series.values())))
             earlier = [step for step in series if step <= state.global_step]
             if state.is_world_process_zero:

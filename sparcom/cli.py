@@ -18,8 +18,9 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict, read_write
 
 from sparcom.config import AnalyzeConfig, TrainConfig, register, to_object
-from sparcom.config_check import ConfigError, check_run_dir
 from sparcom.config_errors import one_line
+from sparcom.errors import ConfigError
+from sparcom.run_folder import check_resume, check_run_dir, check_writable
 from sparcom.training import Launch
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -60,22 +61,96 @@ def analysis_dir(run: str | None, out: str | None, stamp: str) -> str:
     return f"analysis/{stamp}"
 
 
-def prepare(config_name: str, argv: list[str] | None = None) -> None:
-    """Everything an entry point does before ``@hydra.main``: name the launch, register the schemas,
-    and check the config of every job (a multirun's too) so that a bad launch exits at once, with
-    one line and no run folder. Hydra's informational flags (--help, --cfg, ...) pass through."""
+def prepare(config_name: str, argv: list[str] | None = None) -> list[str]:
+    """Everything an entry point does before ``@hydra.main``: name the launch, register the schemas
+    and ``checked_launch``, reporting bad input on one line (exit status 2). Returns the command line
+    Hydra runs (``sys.argv`` is updated when ``argv`` is None)."""
     os.environ.setdefault(STAMP, run_stamp())
     register()
     OmegaConf.register_new_resolver("analysis_dir", analysis_dir, replace=True)
+    given = sys.argv[1:] if argv is None else list(argv)
+    with reported():
+        final = checked_launch(config_name, given)
+    if argv is None:
+        sys.argv[1:] = final
+    return final
+
+
+def checked_launch(config_name: str, argv: list[str]) -> list[str]:
+    """Complete a resume's command line with the run's own overrides, and check the config of every
+    job (a multirun's too), its data and its folder, so that a bad launch fails before Hydra creates
+    a folder or anything heavy is imported. Hydra's informational flags (--help, --cfg, ...) pass
+    through. Returns the command line to run."""
     from hydra._internal.utils import get_args_parser
 
-    args = get_args_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
-        return
-    with reported():
-        jobs = job_overrides(args.overrides, args.multirun)
-        for number, overrides in enumerate(jobs):
-            checked(args.config_name or config_name, overrides, number, args.multirun)
+        return argv
+    name = args.config_name or config_name
+    overrides = list(args.overrides)
+    if name == "train":
+        overrides = resumed_overrides(overrides, args.multirun)
+    jobs = job_overrides(overrides, args.multirun)
+    if args.multirun and name == "train":
+        warn_if_nothing_retrains(os.environ.get(SWEPT, ""))
+    for number, job in enumerate(jobs):
+        checked(name, job, number, args.multirun)
+    return [a for a in argv if a not in args.overrides] + overrides
+
+
+def resumed_overrides(overrides: list[str], multirun: bool) -> list[str]:
+    """A resume's command line: the run's own overrides (the launch that started it, and every
+    extension recorded since), then the ones given now, the folder's Hydra record left as it is.
+    ``resume=<checkpoint>`` alone resumes the run that holds the checkpoint."""
+    from sparcom.run_folder import launch_overrides
+
+    values = {key: value for key, value, _ in _parsed(overrides)}
+    resume = values.get("resume")
+    if resume in (None, False, "false", "null", "none", "None"):
+        return overrides
+    if multirun:
+        raise ConfigError(
+            "resume: given with -m; expected one job at a time: hydra.run.dir=<job folder> resume=true"
+        )
+    run = values.get("hydra.run.dir")
+    if run is None and isinstance(resume, str) and resume not in ("true", "True"):
+        run = str(Path(resume).parent)
+        overrides = [*overrides, f"hydra.run.dir={run}"]
+    if run is None:
+        raise ConfigError("resume: true names no run; expected hydra.run.dir=<the run folder> resume=true")
+    completed: dict[str, str] = {}
+    for key, _, text in _parsed([*launch_overrides(run), *overrides, "hydra.output_subdir=null"]):
+        completed.pop(key, None)  # the later value wins, in the later place
+        completed[key] = text
+    return list(completed.values())
+
+
+def _parsed(overrides: list[str]) -> list[tuple[str, object, str]]:
+    """``(key, value, text)`` of each override, as Hydra parses them."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as err:  # a syntax error: Hydra's message names the override
+        raise ConfigError(" ".join(str(err).split())) from err
+    return [(o.key_or_group, o.value(), text) for o, text in zip(parsed, overrides, strict=True)]
+
+
+# Settings whose every value comes from the same training run: sweeping only these retrains
+# identical models. Epsilons and selection are applied to the stored counts after the fact.
+NO_RETRAINING = ("sparcom.epsilons", "sparcom.overlap_epsilon", "sparcom.selection_mode", "stats.", "logger.")
+
+
+def warn_if_nothing_retrains(swept: str) -> None:
+    """A multirun over settings that need no retraining trains the same model once per job."""
+    keys = [k.lstrip("+~") for k in swept.split(",") if k]
+    if keys and all(k.startswith(NO_RETRAINING) for k in keys):
+        print(
+            f"warning: this sweep varies only {', '.join(keys)}, which need no retraining: every job trains "
+            "the same model. One run records counts that serve every epsilon and selection mode: set "
+            "sparcom.epsilons=[...] in one run, or use analyze.py on its snapshots.",
+            file=sys.stderr,
+        )
 
 
 def job_overrides(overrides: list[str], multirun: bool) -> list[list[str]]:
@@ -99,17 +174,48 @@ def compose(config_name: str, overrides: Sequence[str] = ()) -> TrainConfig | An
 
 
 def checked(config_name: str, overrides: Sequence[str], number: int = 0, multirun: bool = False):
-    """One job's config composed as Hydra will compose it, converted and checked, and its run folder
-    checked (on the main rank: the others start while it writes into the folder)."""
+    """One job's config composed as Hydra will compose it, converted and checked, with its data and
+    its output folder (on the main rank: the others start while it writes into the folder). A folder
+    that does not exist yet is remembered, so that bad input found later removes it again."""
+    from sparcom.config_check import check_data
+
     typed, hydra = _composed(config_name, overrides, with_hydra=True)
-    if isinstance(typed, TrainConfig) and int(os.environ.get("RANK", "0")) == 0:
-        if multirun:
-            with read_write(hydra):
-                hydra.job.num = number
-            check_run_dir(Path(hydra.sweep.dir) / str(hydra.sweep.subdir), typed.resume, "hydra.sweep.dir")
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if multirun:
+        with read_write(hydra):
+            hydra.job.num = number
+        folder, key = Path(hydra.sweep.dir) / str(hydra.sweep.subdir), "hydra.sweep.dir"
+    else:
+        folder, key = Path(str(hydra.run.dir)), "hydra.run.dir" if isinstance(typed, TrainConfig) else "out"
+    check_data(typed)
+    if main_rank:
+        if isinstance(typed, TrainConfig):
+            check_run_dir(folder, typed.resume, key)
+            if typed.resume:
+                check_resume(typed, folder)
         else:
-            check_run_dir(Path(hydra.run.dir), typed.resume)
+            check_writable(folder, key)
+        folder = folder.absolute()
+        _new_folders.update(str(p) for p in (folder, *folder.parents) if not p.exists())
     return typed
+
+
+_new_folders: set[str] = set()  # what this launch creates: removed again if its input proves bad
+
+
+def discard_new_folder(folder: Path) -> None:
+    """Remove ``folder`` and its empty parents if this launch created them (bad input found inside
+    a job, after Hydra made the folder): a refused launch leaves nothing behind."""
+    import shutil
+
+    folder = Path(folder).absolute()
+    if str(folder) not in _new_folders or int(os.environ.get("RANK", "0")) != 0:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    for parent in folder.parents:
+        if str(parent) not in _new_folders or any(parent.iterdir()):
+            break
+        parent.rmdir()
 
 
 def _composed(config_name: str, overrides: Sequence[str], with_hydra: bool):
@@ -153,12 +259,24 @@ def _bad_input(err: Exception) -> bool:
 
 
 def exits_on_bad_input(task):
-    """``reported()`` around a Hydra task function."""
+    """``reported()`` around a Hydra task function; a folder this launch created for a job whose input
+    proved bad is removed. An interrupted job (Ctrl-C) ends with its message and exit status 130."""
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
-        with reported():
-            return task(*args, **kwargs)
+        from sparcom.run_folder import Interrupted
+
+        try:
+            with reported():
+                try:
+                    return task(*args, **kwargs)
+                except Exception as err:
+                    if _bad_input(err):
+                        discard_new_folder(run_dir())
+                    raise
+        except Interrupted as stop:
+            print(f"interrupted: {stop}", file=sys.stderr)
+            sys.exit(130)
 
     return wrapper
 

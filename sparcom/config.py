@@ -38,6 +38,9 @@ TINY_PRESET_NAMES = (
     "tiny-deepseek-v3",
 )
 
+# Real models that a registry package ships, loaded by name offline (sparcom.models.PACKAGED).
+PACKAGED_PRESET_NAMES = ("smollm2-135m-instruct",)
+
 Category = StrEnum("Category", {name: name for name in CATEGORIES})
 
 
@@ -479,6 +482,14 @@ def to_object(cfg: DictConfig) -> TrainConfig | AnalyzeConfig:
         raise one_line(err) from err
     check(typed)
     return _plain_strings(typed)
+
+
+def as_plain(cfg: TrainConfig | AnalyzeConfig) -> dict:
+    """The typed config as plain YAML values (what ``config.yaml`` holds): nested dicts, lists,
+    strings and numbers."""
+    import yaml
+
+    return yaml.safe_load(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 def _plain_strings(value):

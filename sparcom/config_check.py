@@ -5,24 +5,15 @@ line: ``<key>: <value> ...; expected ...``.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sparcom.errors import ConfigError, closest
+
 if TYPE_CHECKING:
     from sparcom.config import AnalyzeConfig, SparcomConfig, TrainConfig
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message is one line: ``key: value ...; expected ...``."""
-
-
-def closest(word: str, candidates: Iterable[str]) -> str:
-    """`` (did you mean X?)`` for the closest candidate, or nothing when none is close."""
-    found = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.75)
-    return f" (did you mean {found[0]}?)" if found else ""
 
 
 # -------------------------------------------------------------------------- single values
@@ -60,14 +51,71 @@ def one_of(key: str, value: Any, accepted: Iterable[str]) -> None:
 
 
 def model_name(key: str, name_or_path: str) -> None:
-    """A ``tiny-*`` name must be one of the offline presets (or an existing folder)."""
-    from sparcom.config import TINY_PRESET_NAMES
+    """A model a config names must be loadable, checked in seconds and before anything heavy loads: a
+    preset (tiny, or packaged with its package installed), an existing model folder, or a hub id that
+    is in the local cache or on a reachable hub. A path is never tried as a hub id."""
+    from sparcom.config import PACKAGED_PRESET_NAMES, TINY_PRESET_NAMES
 
     name = str(name_or_path)
-    if name.startswith("tiny-") and name not in TINY_PRESET_NAMES and not Path(name).exists():
+    if name in TINY_PRESET_NAMES:
+        return
+    if name in PACKAGED_PRESET_NAMES:
+        from sparcom.packaged import check_installed
+
+        return check_installed(key, name)
+    path = Path(name).expanduser()
+    presets = (*TINY_PRESET_NAMES, *PACKAGED_PRESET_NAMES)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(
+                f"{key}: {name!r} is a folder without config.json; expected a model folder written by "
+                "save_pretrained, a preset or a hub id"
+            )
+        return
+    if name.startswith("tiny-") or _looks_like_path(name) or path.exists():
         raise ConfigError(
-            f"{key}: {name!r} is not a tiny preset{closest(name, TINY_PRESET_NAMES)}; expected one of "
-            f"{', '.join(TINY_PRESET_NAMES)}, a local model folder or a hub id"
+            f"{key}: {name!r} does not exist{closest(name, presets)}; expected a model folder written "
+            f"by save_pretrained, a preset ({', '.join(p for p in presets if not p.startswith('tiny-'))}, "
+            "tiny-*) or a hub id"
+        )
+    hub_model(key, name)
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _looks_like_path(name: str) -> bool:
+    return (
+        name.startswith(("/", ".", "~"))
+        or "\\" in name
+        or name.count("/") > 1
+        or name.endswith("/")
+        or not _HUB_ID.fullmatch(name)
+    )
+
+
+def hub_model(key: str, repo_id: str) -> None:
+    """A hub id loads offline only from the local cache: refuse one that is not there when the hub
+    cannot be reached (``HF_HUB_OFFLINE=1``, or no answer within 3 seconds), rather than retry for minutes."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else None
+    if reason is None:
+        endpoint = urlparse(os.environ.get("HF_ENDPOINT") or constants.ENDPOINT)
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=3).close()
+        except OSError:
+            reason = f"{endpoint.hostname} cannot be reached"
+    if reason:
+        raise ConfigError(
+            f"{key}: {repo_id!r} is not in the local Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+            f"{reason}; expected a preset, a local model folder, or a hub id downloaded before"
         )
 
 
@@ -284,6 +332,19 @@ def check_inputs(prefix: str, base: str | None, tuned: str | None, mode: str) ->
             model_name(key, spec)
 
 
+def check_data(cfg: TrainConfig | AnalyzeConfig) -> list[dict]:
+    """The records a config reads, loaded and checked (every problem of the file named by line; a
+    probe set that asks for more instructions than the data holds); returns them."""
+    from sparcom.config import TrainConfig
+    from sparcom.data import load_records
+
+    if not isinstance(cfg, TrainConfig):
+        return load_records(cfg.data.path)
+    records = load_records(cfg.data.path, tuple(cfg.data.categories))
+    check_probe_fits(records, cfg.sparcom.probe.per_category)
+    return records
+
+
 def check_probe_fits(records: list[dict], per_category: int, key: str = "sparcom.probe.per_category") -> None:
     """The probe set cannot ask for more instructions of a category than the data holds."""
     for category in sorted({r["category"] for r in records}):
@@ -293,27 +354,3 @@ def check_probe_fits(records: list[dict], per_category: int, key: str = "sparcom
                 f"{key}: {per_category} is more than the {available} {category} records in the data; "
                 f"expected at most {available}"
             )
-
-
-def check_run_dir(run_dir: Path, resume: bool | str | None, key: str = "hydra.run.dir") -> None:
-    """A folder that holds a run is reused only to resume it; ``resume: true`` needs a checkpoint."""
-    from sparcom.training import latest_checkpoint
-
-    if resume is True and latest_checkpoint(run_dir) is None:
-        raise ConfigError(
-            f"resume: true, but {run_dir} holds no complete checkpoint-* folder; expected a run to resume"
-        )
-    if not resume and holds_run(run_dir):
-        raise ConfigError(
-            f"{key}: {str(run_dir)!r} already holds a run; expected a new folder, or resume=true to continue it"
-        )
-
-
-def holds_run(folder: Path) -> bool:
-    """Whether train.py has written a run into ``folder`` (Hydra's own .hydra/ does not count: every
-    rank of a starting job writes it)."""
-    return (
-        (folder / "config.yaml").is_file()
-        or (folder / "snapshots").is_dir()
-        or any(folder.glob("checkpoint-*"))
-    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from sparcom.config_check import ConfigError, closest
+from sparcom.errors import ConfigError, closest
 
 
 def one_line(err: Exception) -> ConfigError:

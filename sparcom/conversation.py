@@ -1,9 +1,12 @@
 """The one conversation format shared by SFT and probing.
 
 A record becomes ``[user: instruction (+ "\\n\\n" + input), assistant: output]`` rendered with the
-tokenizer's chat template. The prompt (everything up to and including the generation prompt) and
-the response are tokenised separately and concatenated, so the two masks split the ids exactly. For the
-``"generated"`` scope the response is the model's own continuation of the prompt (``continued``).
+tokenizer's chat template. The prompt (the user turn through the generation prompt) and the response
+are tokenised separately and concatenated, so the two masks split the ids exactly. What a template
+puts before the user turn on its own (SmolLM2's injects a default system prompt: 30 tokens, the same
+in every conversation) is context: it is run through the model but belongs to neither mask, so no
+scope counts it. For the ``"generated"`` scope the response is the model's own continuation of the
+prompt (``continued``).
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ class Encoded:
 
     Attributes:
         input_ids: ``[L]`` token ids.
-        prompt_mask: ``[L]`` bool, True on prompt tokens (through the generation prompt).
-        response_mask: ``[L]`` bool, True on response tokens; ``prompt_mask ^ response_mask`` is all True.
+        prompt_mask: ``[L]`` bool, True on prompt tokens (the user turn through the generation prompt).
+        response_mask: ``[L]`` bool, True on response tokens. Tokens in neither are the context a
+            chat template injects before the user turn (a default system prompt), always first.
         generated: whether the response is the model's own continuation rather than the record's.
     """
 
@@ -56,7 +60,7 @@ class Encoded:
         The generated scope keeps the prompt alone too: the model writes its own response."""
         if token_scope not in ("prompt", "generated"):
             return self
-        end = int(self.prompt_mask.sum())
+        end = _prompt_end(self.prompt_mask)
         return Encoded(self.input_ids[:end], self.prompt_mask[:end], self.response_mask[:end])
 
 
@@ -78,18 +82,54 @@ def encode(record: Record, tokenizer, max_length: int | None = None) -> Encoded:
     full = tokenizer.apply_chat_template(conversation, tokenize=False)
     if not full.startswith(prompt):
         raise ValueError("chat template renders the prompt differently inside the full conversation")
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    context = injected_context(tokenizer, prompt)
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"] if context else []
+    prompt_ids = tokenizer(prompt[len(context) :], add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-    ids = (prompt_ids + response_ids)[:max_length] if max_length else prompt_ids + response_ids
+    ids = context_ids + prompt_ids + response_ids
+    ids = ids[:max_length] if max_length else ids
+    start, end = min(len(context_ids), len(ids)), min(len(context_ids) + len(prompt_ids), len(ids))
     prompt_mask = torch.zeros(len(ids), dtype=torch.bool)
-    prompt_mask[: len(prompt_ids)] = True
-    return Encoded(torch.tensor(ids, dtype=torch.long), prompt_mask, ~prompt_mask)
+    prompt_mask[start:end] = True
+    response_mask = torch.zeros(len(ids), dtype=torch.bool)
+    response_mask[end:] = True
+    return Encoded(torch.tensor(ids, dtype=torch.long), prompt_mask, response_mask)
+
+
+def injected_context(tokenizer, prompt: str) -> str:
+    """The text a chat template renders before the user turn of ``prompt`` without being given it
+    (a default system prompt), or "". Found by rendering an explicit system message: what that
+    renders before the user turn is the template's turn header, and whatever ``prompt`` holds before
+    that header was injected. A template that takes no system message injects nothing we can tell."""
+    marker = "\x00sparcom-system\x00"
+    try:
+        system = tokenizer.apply_chat_template([{"role": "system", "content": marker}], tokenize=False)
+        with_system = tokenizer.apply_chat_template(
+            [{"role": "system", "content": marker}, {"role": "user", "content": marker}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+    except Exception:  # noqa: BLE001 - templates that refuse a system role (Gemma) inject none
+        return ""
+    if marker not in system or not with_system.startswith(system):
+        return ""
+    header = with_system[len(system) : with_system.index(marker, len(system))]  # the user turn's header
+    start = prompt.find(header) if header else -1
+    return prompt[:start] if start > 0 else ""
 
 
 def continued(prompt: Encoded, continuation: list[int]) -> Encoded:
     """The prompt followed by a continuation the model generated, which becomes the response."""
-    end = int(prompt.prompt_mask.sum())
+    end = _prompt_end(prompt.prompt_mask)
     ids = torch.cat([prompt.input_ids[:end], torch.tensor(continuation, dtype=torch.long)])
     prompt_mask = torch.zeros(len(ids), dtype=torch.bool)
-    prompt_mask[:end] = True
-    return Encoded(ids, prompt_mask, ~prompt_mask, generated=True)
+    prompt_mask[:end] = prompt.prompt_mask[:end]
+    response_mask = torch.zeros(len(ids), dtype=torch.bool)
+    response_mask[end:] = True
+    return Encoded(ids, prompt_mask, response_mask, generated=True)
+
+
+def _prompt_end(prompt_mask: torch.Tensor) -> int:
+    """Where the prompt ends: after its last token (the context before it, if any, included)."""
+    found = prompt_mask.nonzero()
+    return int(found[-1]) + 1 if len(found) else 0

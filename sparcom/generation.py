@@ -63,7 +63,7 @@ def greedy_continuations(
     hf_model = unwrap(model)
     stops = stop_ids(hf_model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    ids = [e.input_ids[: int(e.prompt_mask.sum())] for e in prompts]
+    ids = [e.needed_for("prompt").input_ids for e in prompts]
     order = sorted(range(len(ids)), key=lambda i: (-len(ids[i]), i))
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     rank, world = rank_and_world()

@@ -1,8 +1,13 @@
 """Model presets and the one loader.
 
 ``load_model(name_or_path)`` takes a tiny preset name (built offline from a config with a fixed
-seed), a local directory written by ``save_pretrained``, or a hub id; the last two take the same
-``from_pretrained`` path, so a tiny model saved to disk loads exactly as a real checkpoint would.
+seed), a packaged preset (a real trained model that a registry package ships, e.g.
+``smollm2-135m-instruct``: ``sparcom.packaged``), a local directory written by ``save_pretrained``,
+or a hub id; the last three take the same ``from_pretrained`` path, so a tiny model saved to disk
+loads exactly as a real checkpoint would.
+
+Which is which: the tiny presets have random weights and exist for architecture coverage and fast
+tests (a finding on them means nothing); the packaged preset is a real model, the default.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from pathlib import Path
 import torch
 
 from sparcom.data import load_records
+from sparcom.packaged import PACKAGED
 
 # ChatML, the template of the Qwen family: one format for every tiny preset.
 CHAT_TEMPLATE = (
@@ -170,9 +176,18 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(
-        name_or_path, dtype=_dtype(dtype) if dtype else "auto", **placement
+        _source(name_or_path), dtype=_dtype(dtype) if dtype else "auto", **placement
     )
+    if name_or_path in PACKAGED:  # snapshots and checkpoints name the preset, not the cache folder
+        model.name_or_path = model.config.name_or_path = name_or_path
     return model.eval(), tokenizer
+
+
+def _source(name_or_path: str) -> str:
+    """What ``from_pretrained`` reads: a packaged preset's dequantised copy, else the name itself."""
+    from sparcom.packaged import materialised
+
+    return str(materialised(name_or_path)) if name_or_path in PACKAGED else name_or_path
 
 
 def check_resident(model: torch.nn.Module, purpose: str) -> None:
@@ -194,7 +209,7 @@ def load_tokenizer(name_or_path: str, chat_template_from: str | None = None):
 
     if name_or_path in TINY_PRESETS:
         return tiny_tokenizer()
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(_source(name_or_path))
     if not tokenizer.chat_template and chat_template_from:
         tokenizer.chat_template = AutoTokenizer.from_pretrained(chat_template_from).chat_template
     return tokenizer

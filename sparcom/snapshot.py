@@ -424,6 +424,41 @@ def check_comparable(a: Snapshot, b: Snapshot, names: tuple[str, str] = ("base",
             )
 
 
+def check_continues(
+    snapshot_dir: str | Path, records: Sequence[dict], token_scope: str, max_new_tokens: int | None = None
+) -> None:
+    """Refuse to continue a snapshot series (a resumed run) on another probe set or token scope than
+    its step-0 snapshot was recorded on: its drift would mix two probe sets. A folder without
+    snapshots continues nothing and passes."""
+    series = snapshot_series(snapshot_dir)
+    if not series:
+        return
+    base = Snapshot.load(next(iter(series.values())))
+    meta = base.meta
+    now = {
+        c: sum(r["category"] == c for r in records)
+        for c in CATEGORIES
+        if any(r["category"] == c for r in records)
+    }
+    checks = [("token scope", meta.get("token_scope"), token_scope)]
+    if token_scope == "generated":
+        checks.append(("max_new_tokens", meta.get("max_new_tokens"), max_new_tokens))
+    for what, left, right in checks:
+        if left != right:
+            raise SnapshotError(
+                f"cannot continue the snapshot series in {snapshot_dir}: different {what} (step 0: {left!r}, "
+                f"now: {right!r}); its drift would mix two measurements"
+            )
+    if meta.get("dataset_hash") != dataset_hash(records):
+        recorded = sorted(set(meta.get("category_instructions", {}).values()))
+        raise SnapshotError(
+            f"cannot continue the snapshot series in {snapshot_dir}: different probe sets (step 0 has "
+            f"{_sizes(recorded) if recorded else '?'} instructions per category, now {_sizes(sorted(set(now.values())))}, "
+            "or other instructions); its drift would mix two probe sets; expected the run's own data.path "
+            "and sparcom.probe settings"
+        )
+
+
 def _sizes(values: list[int]) -> str:
     return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 

@@ -127,18 +127,29 @@ def wandb_settings(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None
 
 def start_wandb(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> bool:
     """Start this process's W&B run before the trainer (transformers' WandbCallback then reuses it);
-    returns whether one is running. A failure, ``wandb.init``'s included, is a warning, never an error."""
+    returns whether one is running. Every launch of a run, resumes included, logs to the one W&B run
+    whose id the run folder keeps (offline, a resume writes a second file of the same run: sync the
+    first, then ``wandb sync --append`` the next). A failure, ``wandb.init``'s included, is a warning,
+    never an error."""
     mode = wandb_mode(str(cfg.logger.mode))
     if mode == "disabled":
         return False
     try:
         import wandb
 
+        from sparcom.run_folder import wandb_run_id
+
         # W&B validates the environment's settings even where init's arguments override them.
         os.environ["WANDB_MODE"] = mode
         os.environ.setdefault("WANDB_SILENT", "true")
         (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
-        wandb.init(mode=mode, dir=str(run_dir), **wandb_settings(cfg, run_dir, launch))
+        wandb.init(
+            mode=mode,
+            dir=str(run_dir),
+            id=wandb_run_id(run_dir),
+            resume="allow",  # the first launch creates the run, a resume continues it
+            **wandb_settings(cfg, run_dir, launch),
+        )
     except Exception as err:  # noqa: BLE001 - W&B must never stop a run
         warnings.warn(
             f"W&B setup failed ({type(err).__name__}: {err}); training continues without W&B; "
@@ -158,13 +169,6 @@ def log_settings(values: dict) -> None:
             wandb.run.config.update(values, allow_val_change=True)
     except Exception as err:  # noqa: BLE001 - W&B must never stop a run
         warnings.warn(f"W&B: could not log {sorted(values)} ({err})", stacklevel=2)
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run. The trainer writes ``trainer_state.json`` last, so a
-    checkpoint folder without it was cut short (a killed job) and is passed over."""
-    complete = [p for p in run_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]), default=None)
 
 
 def load_checkpoint_weights(model: nn.Module, checkpoint: str | Path) -> None:
@@ -241,20 +245,59 @@ class CheckpointWeights:
         )
 
 
+class TruthfulModelCard:
+    """Trainer mixin: the ``README.md`` a checkpoint save writes names the model the run started
+    from as it is (a sparcom preset, a local folder, or a hub id with its link) and shows how to
+    load this run's checkpoints; TRL's draft links every base model to the hub and loads ``"None"``."""
+
+    def create_model_card(self, model_name=None, dataset_name=None, tags=None) -> None:
+        if self.is_world_process_zero():
+            output = Path(self.args.output_dir)
+            base = str(getattr(self.model.config, "name_or_path", "") or "unknown")
+            (output / "README.md").write_text(model_card(base, output), encoding="utf-8")
+
+
+def model_card(base: str, output: Path) -> str:
+    """A run folder's model card: where the model came from, and how to load and analyse the run."""
+    from sparcom.config import PACKAGED_PRESET_NAMES, TINY_PRESET_NAMES
+
+    if base in TINY_PRESET_NAMES or base in PACKAGED_PRESET_NAMES:
+        origin = f"the sparcom preset `{base}` (`sparcom.models.load_model({base!r})`)"
+    elif Path(base).exists():
+        origin = f"the local model `{base}`"
+    else:
+        origin = f"[{base}](https://huggingface.co/{base})"
+    return (
+        f"---\nbase_model: {base}\nlibrary_name: transformers\ntags: [sparcom, trl, sft]\n---\n\n"
+        f"# {output.name}\n\nFine-tuned from {origin} with TRL SFT on HexaInst by sparcom, which "
+        "recorded its instruction-specific neurons and experts along the way (`snapshots/`).\n\n"
+        "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'checkpoint = "{output}/checkpoint-<step>"  # one of this folder\'s checkpoints\n'
+        "model = AutoModelForCausalLM.from_pretrained(checkpoint)\n"
+        "tokenizer = AutoTokenizer.from_pretrained(checkpoint)\n```\n\n"
+        f"Drift over training: `snapshots/drift.jsonl`; the report: `python analyze.py run={output}`.\n"
+    )
+
+
 @functools.cache
 def resumable(trainer_class: type) -> type:
     """``trainer_class`` (a transformers ``Trainer``, e.g. TRL's ``SFTTrainer``) reading checkpoints
-    back with ``CheckpointWeights``: ``resumable(SFTTrainer)(model=..., args=...)``."""
-    return type(trainer_class.__name__, (CheckpointWeights, trainer_class), {})
+    back with ``CheckpointWeights`` and writing a ``TruthfulModelCard``:
+    ``resumable(SFTTrainer)(model=..., args=...)``."""
+    return type(trainer_class.__name__, (CheckpointWeights, TruthfulModelCard, trainer_class), {})
 
 
-def finish_wandb() -> None:
-    """Close this process's W&B run, if any; a failure to close is a warning, never an error."""
+def finish_wandb(interrupted: bool = False) -> None:
+    """Close this process's W&B run, if any; a failure to close is a warning, never an error. An
+    ``interrupted`` run (Ctrl-C) is marked preempting and ends with exit code 130 (SIGINT), so W&B
+    shows it as stopped to be resumed, not as failed."""
     try:
         import wandb
 
         if wandb.run is not None:
-            wandb.finish()
+            if interrupted:
+                wandb.run.mark_preempting()
+            wandb.finish(exit_code=130 if interrupted else None)
         wandb.teardown()  # forget settings read from the environment: the next job sets its own
     except Exception as err:  # noqa: BLE001 - logging must never fail a finished run
         warnings.warn(f"W&B: could not finish the run ({err})", stacklevel=2)

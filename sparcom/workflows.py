@@ -297,7 +297,7 @@ def write_explanation(
     (None: recorded now on the seeded probe set), their ``top`` probe contexts, written as
     ``neurons.jsonl`` and ``report.html`` in ``out``; returns the page. With ``neuron``
     (``<site>:<i>`` or ``<site>:<expert>,<i>``), only that neuron's card, returned as text."""
-    from sparcom.config_check import ConfigError
+    from sparcom.errors import ConfigError
     from sparcom.explain import explain, most_specific, neuron_named, parse_neuron, write_neurons
     from sparcom.neuron_cards import card_text, write_explain_page
     from sparcom.probe import record

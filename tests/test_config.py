@@ -21,8 +21,10 @@ from sparcom.config import (
     TokenScope,
     TrainConfig,
 )
-from sparcom.config_check import ConfigError, check_probe_fits, check_run_dir
+from sparcom.config_check import check_probe_fits
 from sparcom.data import load_records
+from sparcom.errors import ConfigError
+from sparcom.run_folder import check_run_dir
 from sparcom.sft_fields import REGENERATE, describe_sft_config, load_sft_fields
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,6 +262,10 @@ def test_choices_named_without_torch_match_the_library():
     assert tuple(TokenScope) == TOKEN_SCOPES
     assert tuple(SelectionMode) == SELECTION_MODES
     assert set(TINY_PRESET_NAMES) == set(TINY_PRESETS)
+    from sparcom.config import PACKAGED_PRESET_NAMES
+    from sparcom.packaged import PACKAGED
+
+    assert set(PACKAGED_PRESET_NAMES) == set(PACKAGED)
 
 
 def test_checking_a_config_imports_neither_torch_nor_trl():

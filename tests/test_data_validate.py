@@ -450,9 +450,12 @@ def test_data_file_error_message_is_capped() -> None:
     from sparcom.data import DataError
 
     error = DataFileError([DataError("f.jsonl", n, "bad") for n in range(1, 31)])
-    assert str(error).startswith("30 problem(s) in data:\n  f.jsonl:1: bad")
-    assert "f.jsonl:20: bad" in str(error) and "f.jsonl:21" not in str(error)
-    assert str(error).endswith("... and 10 more")
+    assert "\n" not in str(error) and len(error.errors) == 30
+    assert str(error).startswith("30 problems in data: f.jsonl:1: bad; f.jsonl:2: bad; f.jsonl:3: bad; ...")
+    assert "f.jsonl:4" not in str(error) and "27 more; `python -m sparcom.data validate f.jsonl`" in str(
+        error
+    )
+    assert str(DataFileError([DataError("f.jsonl", 5, "bad")])) == "f.jsonl:5: bad"
 
 
 # -------------------------------------------------------------------- equations, math_problems

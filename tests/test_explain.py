@@ -17,8 +17,8 @@ from transformers.activations import ACT2FN
 import sparcom
 from analyze import analyze
 from sparcom.cli import compose
-from sparcom.config_check import ConfigError
 from sparcom.conversation import encode
+from sparcom.errors import ConfigError
 from sparcom.explain import (
     MARK,
     Context,

@@ -88,6 +88,38 @@ BAD_INPUT = [
         "base: 'x.safetensors' is a snapshot, and mode=ablate needs a model",
     ),
     ("analyze.py", ["run=/nonexistent"], "run: '/nonexistent' is not a train.py run folder"),
+    # A model that cannot load is refused in seconds: a path is never tried as a hub id, and a hub id
+    # offline is looked up in the cache only (not retried for minutes).
+    (
+        "train.py",
+        ["model.name_or_path=/no/such/model"],
+        "model.name_or_path: '/no/such/model' does not exist",
+    ),
+    ("train.py", ["model.name_or_path=./my_model"], "model.name_or_path: './my_model' does not exist"),
+    (
+        "train.py",
+        ["model.name_or_path=someorg/no-such-model"],
+        "model.name_or_path: 'someorg/no-such-model' is not in the local Hugging Face cache",
+    ),
+    (
+        "analyze.py",
+        ["base=someorg/no-such-model", "tuned=tiny-llama"],
+        "base: 'someorg/no-such-model' is not in the local Hugging Face cache",
+    ),
+    # A folder that cannot be written, before Hydra tries to make it.
+    ("train.py", ["hydra.run.dir=/proc/sparcom"], "hydra.run.dir: '/proc/sparcom' cannot be created"),
+    (
+        "analyze.py",
+        ["out=/proc/sparcom", "base=a.safetensors", "tuned=tiny-llama"],
+        "base: 'a.safetensors' does not exist",
+    ),
+    (
+        "analyze.py",
+        ["out=/proc/sparcom", "base=tiny-llama", "tuned=tiny-llama"],
+        "out: '/proc/sparcom' cannot be created",
+    ),
+    # A probe set larger than the data.
+    ("train.py", ["sparcom.probe.per_category=201"], "sparcom.probe.per_category: 201 is more than the 200"),
 ]
 
 
@@ -95,12 +127,62 @@ BAD_INPUT = [
 def test_bad_input_exits_at_once_on_one_line_and_leaves_no_folder(
     tmp_path, no_torch, script, overrides, message
 ):
-    done = run_cli(script, overrides, tmp_path, no_torch)
+    done = run_cli(script, overrides, tmp_path, no_torch, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path.parent))
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [f"error: {done.stderr[7:].strip()}"] and message in done.stderr, (
         done.stderr
     )
     assert list(tmp_path.iterdir()) == []  # no outputs/<stamp>, multirun/<stamp> or analysis/<stamp>
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"category": "math", "instruction": "x", "output": "1"\n', "mine.jsonl:1201: malformed JSON"),
+        (
+            '{"category": "maths", "instruction": "x", "output": "1"}\n',
+            "mine.jsonl:1201: unknown category 'maths'",
+        ),
+    ],
+)
+def test_data_problems_are_refused_before_any_folder(tmp_path, no_torch, line, message):
+    data = tmp_path / "data" / "mine.jsonl"
+    data.parent.mkdir()
+    data.write_text((ROOT / "sparcom/data/hexainst.jsonl").read_text() + line)
+    work = tmp_path / "work"
+    work.mkdir()
+    for script, extra in (("train.py", []), ("analyze.py", ["base=tiny-llama", "tuned=tiny-llama"])):
+        done = run_cli(script, [f"data.path={data}", *extra], work, no_torch)
+        assert done.returncode == 2 and message in done.stderr and len(done.stderr.splitlines()) == 1, (
+            done.stderr
+        )
+        assert list(work.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_an_analysis_refused_inside_the_job_leaves_no_folder(tmp_path):
+    """Snapshots of different probe sets are found out only once loaded, after Hydra made the folder:
+    the refusal removes it again."""
+    import torch
+
+    from sparcom.models import load_model
+    from sparcom.probe import record
+    from sparcom.training import probe_set
+
+    model, tokenizer = load_model("tiny-llama")
+    records = load_records()
+    for name, count in (("a", 1), ("b", 2)):
+        with torch.no_grad():
+            record(model, tokenizer, probe_set(records, count), progress=False).save(
+                tmp_path / f"{name}.safetensors"
+            )
+    work = tmp_path / "work"
+    work.mkdir()
+    done = run_cli(
+        "analyze.py", [f"base={tmp_path / 'a.safetensors'}", f"tuned={tmp_path / 'b.safetensors'}"], work
+    )
+    assert done.returncode == 2 and "different probe sets" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1 and list(work.iterdir()) == []
 
 
 def test_hydra_full_error_shows_the_traceback(tmp_path, no_torch):

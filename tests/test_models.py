@@ -11,6 +11,7 @@ import yaml
 import sparcom
 from sparcom.conversation import encode, messages
 from sparcom.models import TINY_PRESETS, load_model
+from sparcom.packaged import PACKAGED
 from sparcom.sites import ARCHITECTURES
 
 from conftest import exact_model
@@ -26,6 +27,8 @@ def test_every_preset_file_names_a_loadable_model():
         assert set(spec) == {"name_or_path", "dtype", "chat_template_from"}, path.name
         if spec["name_or_path"].startswith("tiny-"):
             assert spec["name_or_path"] in TINY_PRESETS
+        elif spec["name_or_path"] in PACKAGED:
+            assert path.stem == spec["name_or_path"]
         else:
             assert "/" in spec["name_or_path"], path.name  # a hub id
 
@@ -64,7 +67,7 @@ def test_conversation_masks_split_prompt_and_response(small_records):
     record = next(r for r in small_records if r["input"])
     assert messages(record)[0]["content"] == record["instruction"] + "\n\n" + record["input"]
     encoded = encode(record, tokenizer)
-    assert bool((encoded.prompt_mask ^ encoded.response_mask).all())
+    assert bool((encoded.prompt_mask ^ encoded.response_mask).all())  # this template injects no context
     prompt = tokenizer.decode(encoded.input_ids[encoded.prompt_mask])
     response = tokenizer.decode(encoded.input_ids[encoded.response_mask])
     assert prompt.endswith("<|im_start|>assistant\n") and record["input"] in prompt

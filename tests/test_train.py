@@ -68,7 +68,11 @@ def test_sft_run_logs_drift_next_to_the_loss_and_the_whole_config(tmp_path):
     # Every sparcom setting, the model preset, the learning rate and the command line: filterable in W&B.
     assert settings["sparcom"]["epsilons"] == [0.3, 0.5] and settings["sparcom"]["token_scope"] == "all"
     assert settings["sparcom"]["probe"]["per_category"] == 4 and settings["sparcom"]["overlap_epsilon"] == 0.5
-    assert settings["trainer"]["args"]["learning_rate"] == 2e-4 and settings["learning_rate"] == 2e-4
+    assert settings["trainer"]["args"]["learning_rate"] == 2e-4
+    # One truthful copy: none of the flat TrainingArguments and model-config keys transformers would add
+    # beside it (among them project "huggingface" and a run_name that contradict the real ones).
+    assert not {"learning_rate", "project", "run_name", "output_dir", "vocab_size"} & set(settings)
+    assert settings["model/num_parameters"] > 0
     assert (
         settings["model"]["name_or_path"] == "tiny-qwen2-moe"
         and settings["choices"]["model"] == "tiny-qwen2-moe"

@@ -32,13 +32,20 @@ class DataError:
 
 
 class DataFileError(ValueError):
-    """A data file that cannot be used; the message lists every problem with its line."""
+    """A data file that cannot be used. The message is one line: the problem, or the first three of
+    several with how many more (``errors`` holds every one; ``python -m sparcom.data validate`` lists them)."""
+
+    SHOWN = 3
 
     def __init__(self, errors: list[DataError]):
         self.errors = errors
-        shown = "\n".join(f"  {e}" for e in errors[:20])
-        more = f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""
-        super().__init__(f"{len(errors)} problem(s) in data:\n{shown}{more}")
+        if len(errors) == 1:
+            super().__init__(str(errors[0]))
+            return
+        shown = "; ".join(str(e) for e in errors[: self.SHOWN])
+        more = len(errors) - self.SHOWN
+        tail = f"; ... ({more} more; `python -m sparcom.data validate {errors[0].path}` lists every one)"
+        super().__init__(f"{len(errors)} problems in data: {shown}" + (tail if more > 0 else ""))
 
 
 def hexainst_path() -> Path:
