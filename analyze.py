@@ -18,22 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
-import yaml
 from omegaconf import DictConfig
 
 from sparcom import cli
-from sparcom.config import AnalyzeConfig, PairConfig, to_object
-from sparcom.config_check import check
-
-ROOT = Path(__file__).resolve().parent
-
-
-def model_spec(spec: str) -> dict:
-    """A conf/model preset by name, or a path / hub id as it is."""
-    preset = ROOT / "conf" / "model" / f"{spec}.yaml"
-    if preset.is_file():
-        return yaml.safe_load(preset.read_text())
-    return {"name_or_path": spec, "dtype": None, "chat_template_from": None}
+from sparcom.config import AnalyzeConfig, PairConfig, model_preset, to_object
+from sparcom.config_check import check, check_data, check_models_loadable
 
 
 @dataclass
@@ -59,7 +48,7 @@ def inputs_of(cfg: AnalyzeConfig) -> list[Inputs]:
         return [Inputs("", (run.name, run.name), base, tuned, run.final_model, run)]
 
     def side(spec: str):
-        return Snapshot.load(spec) if spec.endswith(".safetensors") else model_spec(spec)
+        return Snapshot.load(spec) if spec.endswith(".safetensors") else model_preset(spec)
 
     found = []
     for pair in cfg.pairs or [PairConfig(name="", base=cfg.base, tuned=cfg.tuned)]:
@@ -74,10 +63,10 @@ def analyze(cfg: AnalyzeConfig, out: Path) -> list[Path]:
     """Write the reports of ``cfg.mode`` under ``out`` (one subfolder per mode, an index page
     linking them); returns the report pages written."""
     check(cfg)  # what to_object checked, for a config built in Python
-    from sparcom.data import load_records
+    records = check_data(cfg)
+    check_models_loadable(cfg)
     from sparcom.report import write_index
 
-    records = load_records(cfg.data.path)
     if cfg.mode == "explain":
         explained = explain(cfg, out / "explain", records)
         if isinstance(explained, str):  # one neuron's card, for the terminal
@@ -190,7 +179,7 @@ def explain(cfg: AnalyzeConfig, out: Path, records) -> Path | str:
         run = read_run(cfg.run)
         spec, snapshot = run.final_model, explained_snapshot(run)
     else:
-        spec, snapshot = model_spec(cfg.base), None
+        spec, snapshot = model_preset(cfg.base), None
     s, e = cfg.sparcom, cfg.explain
     return write_explanation(
         out,

@@ -18,14 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparcom import cli
 from sparcom.config import TrainConfig, to_object
-from sparcom.config_check import check, check_data
+from sparcom.config_check import check, check_data, check_models_loadable
 from sparcom.run_folder import Interrupted, check_resume, check_run_dir, latest_checkpoint, record_resume
 from sparcom.training import (
     Launch,
     finish_wandb,
     log_settings,
-    probe_set,
     resumable,
+    run_records,
     sft_dataset,
     start_wandb,
 )
@@ -44,9 +44,13 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
         check_run_dir(run_dir, cfg.resume)
-    records = check_data(cfg)
     changes = check_resume(cfg, run_dir) if cfg.resume else {}
-    probe = probe_set(records, cfg.sparcom.probe.per_category, cfg.sparcom.probe.seed)
+    records = check_data(cfg)
+    check_models_loadable(cfg)
+    data, s = cfg.data, cfg.sparcom
+    records, held_out, probe = run_records(
+        records, data.held_out, data.split_seed, s.probe_split, s.probe.per_category, s.probe.seed
+    )
 
     from callbacks import SparcomCallback  # only now: every input is checked; torch takes seconds
     from sparcom.snapshot import check_continues
@@ -64,7 +68,7 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
     wandb_running = rank == 0 and start_wandb(cfg, run_dir, launch)
     trainer = None
     try:
-        trainer = sft_trainer(cfg, run_dir, records, probe, wandb_running, rank)
+        trainer = sft_trainer(cfg, run_dir, records, held_out, probe, wandb_running, rank)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except KeyboardInterrupt:
         for callback in trainer.callback_handler.callbacks if trainer else []:
@@ -81,9 +85,10 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
     return run_dir
 
 
-def sft_trainer(cfg: TrainConfig, run_dir: Path, records, probe, wandb_running: bool, rank: int):
+def sft_trainer(cfg: TrainConfig, run_dir: Path, records, held_out, probe, wandb_running: bool, rank: int):
     """The SFT trainer of a run: the model, TRL's SFTConfig from ``trainer.args``, LoRA or ISN-only
-    training, and the W&B and SPARCOM callbacks."""
+    training, and the W&B and SPARCOM callbacks. ``records`` are trained on; ``held_out`` are the
+    instructions never trained on (the held-out loss, and TRL's own eval when eval_strategy asks)."""
     import torch
     from trl import SFTConfig, SFTTrainer
 
@@ -124,6 +129,7 @@ def sft_trainer(cfg: TrainConfig, run_dir: Path, records, probe, wandb_running: 
         model=model,
         args=args,
         train_dataset=sft_dataset(records, tokenizer, cfg.data.max_length),
+        eval_dataset=sft_dataset(held_out, tokenizer, cfg.data.max_length) if held_out else None,
         processing_class=tokenizer,
         peft_config=peft_config,
         callbacks=[
@@ -144,6 +150,8 @@ def sft_trainer(cfg: TrainConfig, run_dir: Path, records, probe, wandb_running: 
                 base=base,
                 stability_splits=cfg.stats.splits if cfg.stats.enabled else None,
                 seed=cfg.stats.seed,
+                held_out=held_out,
+                max_length=cfg.data.max_length,
             ),
         ],
     )

@@ -29,7 +29,10 @@ class SparcomCallback(TrainerCallback):
     profile at ``overlap_epsilon`` are drawn to ``snapshot_dir/figures`` (and logged to W&B).
 
     Every rank runs the probe (ZeRO-3 needs all ranks in every forward); counts are summed across
-    ranks and only the main process writes and logs. With ``token_scope="generated"`` each snapshot
+    ranks and only the main process writes and logs. Given ``held_out`` records (instructions never
+    trained on), each snapshot also measures the response loss on them per category, logged as
+    ``eval/loss/<category>`` beside the drift and kept in ``drift.jsonl``, so capability and drift
+    read off one page. With ``token_scope="generated"`` each snapshot
     counts the model's own greedy continuation of every prompt as it is at that step (at most
     ``max_new_tokens``); the ranks generate their shares in step (``synced_gpus``), so ZeRO-3 works. A resumed run reloads its base snapshot
     from disk rather than recomputing it from resumed weights.
@@ -55,6 +58,8 @@ class SparcomCallback(TrainerCallback):
         stability_splits: int | None = 20,
         seed: int = 0,
         max_new_tokens: int = 128,
+        held_out: Sequence[dict] | None = None,
+        max_length: int | None = None,
     ):
         for epsilon in [*epsilons, overlap_epsilon]:
             check_epsilon(epsilon)
@@ -68,7 +73,8 @@ class SparcomCallback(TrainerCallback):
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
         self.tokenizer = tokenizer
         self.records = list(records)
-        self.epsilons = list(epsilons)
+        # The overlap epsilon is always measured: its numbers are also logged without "eps=" in the key.
+        self.epsilons = [*epsilons, *([overlap_epsilon] if overlap_epsilon not in epsilons else [])]
         self.selection_mode = selection_mode
         self.token_scope = token_scope
         self.max_new_tokens = max_new_tokens
@@ -82,6 +88,8 @@ class SparcomCallback(TrainerCallback):
         self.base: Snapshot | None = None
         self._recorded_base = base  # a step-0 recording made already (to select ISNs): not redone
         self.stability_splits, self.seed = stability_splits, seed
+        self.held_out, self.max_length = list(held_out or []), max_length
+        self._held_out_loss = None  # tokenised and batched on first use
         self.previous: Snapshot | None = None
         self.last_step: int | None = None
         self.points: dict[int, DriftPoint] = {}  # what drift.jsonl holds, by step
@@ -159,6 +167,9 @@ class SparcomCallback(TrainerCallback):
                 max_new_tokens=self.max_new_tokens,
             )
         self.last_step = step
+        loss = self._measure_held_out(
+            model, snapshot.categories
+        )  # every rank: ZeRO-3 forwards are collective
         if state.is_world_process_zero:
             path = self.snapshot_dir / SNAPSHOT_NAME.format(step=step)
             if path.exists():  # a resumed run passing a step that a killed attempt finished
@@ -169,10 +180,24 @@ class SparcomCallback(TrainerCallback):
                 snapshot.save(path)
             if self.base is None:
                 self.base = snapshot
-            self._log(step, snapshot)
+            self._log(step, snapshot, loss)
         self.previous = snapshot
 
-    def _drift(self, step: int, snapshot: Snapshot, previous: Snapshot | None) -> DriftPoint:
+    def _measure_held_out(self, model, categories: list[str]) -> dict[str, float]:
+        """Response loss per category on the held-out records (empty without them)."""
+        if not self.held_out:
+            return {}
+        if self._held_out_loss is None:
+            from sparcom.response_loss import ResponseLoss
+
+            self._held_out_loss = ResponseLoss(
+                self.tokenizer, self.held_out, categories, self.batch_size, self.max_length
+            )
+        return dict(zip(categories, self._held_out_loss(model).tolist(), strict=True))
+
+    def _drift(
+        self, step: int, snapshot: Snapshot, previous: Snapshot | None, loss: dict[str, float] | None = None
+    ) -> DriftPoint:
         stability = None
         halves = min(snapshot.meta.get("category_instructions", {}).values(), default=0) >= 2
         if previous is None and self.stability_splits and snapshot.per_instruction and halves:
@@ -181,10 +206,20 @@ class SparcomCallback(TrainerCallback):
                 snapshot, self.epsilons, self.selection_mode, self.stability_splits, self.seed
             )
             stability = {e: {c: values[e] for c, values in by_category.items()} for e in self.epsilons}
-        return drift_point(step, self.base, snapshot, previous, self.epsilons, self.selection_mode, stability)
+        return drift_point(
+            step,
+            self.base,
+            snapshot,
+            previous,
+            self.epsilons,
+            self.selection_mode,
+            stability,
+            loss,
+            self.overlap_epsilon,
+        )
 
-    def _log(self, step: int, snapshot: Snapshot) -> None:
-        point = self._drift(step, snapshot, self.previous)
+    def _log(self, step: int, snapshot: Snapshot, loss: dict[str, float]) -> None:
+        point = self._drift(step, snapshot, self.previous, loss)
         if step not in self.points:
             append_drift(self.snapshot_dir / "drift.jsonl", point)
             self.points[step] = point

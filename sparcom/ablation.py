@@ -16,9 +16,10 @@ from torch import nn
 
 from sparcom.data import Record
 from sparcom.intervention import intervene
+from sparcom.response_loss import ResponseLoss
 from sparcom.select import NeuronSet, category_isn
 from sparcom.snapshot import Snapshot
-from sparcom.steer import ResponseLoss, loss_changes
+from sparcom.steer import loss_changes
 
 
 def zeroed(

@@ -19,6 +19,7 @@ from sparcom.data import Record
 from sparcom.metrics import (
     category_block_means,
     jaccard_from_counts,
+    jaccard_ratio,
     pairwise_jaccard,
     pearson,
     shared_counts,
@@ -105,11 +106,10 @@ class Tallies:
     layers: torch.Tensor
 
     def jaccard(self, category: str) -> float:
-        """``|A & B| / |A | B|`` over all sites; 1.0 when both sets are empty (they are equal)."""
+        """``|A & B| / |A | B|`` over all sites; nan when both sets are empty (``jaccard_ratio``)."""
         row = self.categories.index(category)
-        shared = int(self.shared[row].sum())
-        union = int(self.sizes[0][row].sum()) + int(self.sizes[1][row].sum()) - shared
-        return 1.0 if union == 0 else shared / union
+        sizes = (int(self.sizes[k][row].sum()) for k in (0, 1))
+        return float(jaccard_ratio(int(self.shared[row].sum()), *sizes))
 
     def layer_profile(self, category: str, snapshot: int = 0) -> list[int]:
         """ISN count per layer (a layer's FFN, shared-expert and routed-expert neurons together)."""

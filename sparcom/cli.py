@@ -17,13 +17,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict, read_write
 
-from sparcom.config import AnalyzeConfig, TrainConfig, register, to_object
+from sparcom.config import CONF, AnalyzeConfig, TrainConfig, register, to_object
 from sparcom.config_errors import one_line
 from sparcom.errors import ConfigError
 from sparcom.run_folder import check_resume, check_run_dir, check_writable
 from sparcom.training import Launch
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 STAMP = "SPARCOM_RUN_STAMP"  # the launch's folder name, shared by every rank of a job
 SWEPT = "SPARCOM_SWEPT"  # the keys a multirun sweeps, for its jobs' W&B names
 
@@ -177,7 +176,7 @@ def checked(config_name: str, overrides: Sequence[str], number: int = 0, multiru
     """One job's config composed as Hydra will compose it, converted and checked, with its data and
     its output folder (on the main rank: the others start while it writes into the folder). A folder
     that does not exist yet is remembered, so that bad input found later removes it again."""
-    from sparcom.config_check import check_data
+    from sparcom.config_check import check_data, check_models_loadable
 
     typed, hydra = _composed(config_name, overrides, with_hydra=True)
     main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -187,7 +186,6 @@ def checked(config_name: str, overrides: Sequence[str], number: int = 0, multiru
         folder, key = Path(hydra.sweep.dir) / str(hydra.sweep.subdir), "hydra.sweep.dir"
     else:
         folder, key = Path(str(hydra.run.dir)), "hydra.run.dir" if isinstance(typed, TrainConfig) else "out"
-    check_data(typed)
     if main_rank:
         if isinstance(typed, TrainConfig):
             check_run_dir(folder, typed.resume, key)
@@ -195,6 +193,9 @@ def checked(config_name: str, overrides: Sequence[str], number: int = 0, multiru
                 check_resume(typed, folder)
         else:
             check_writable(folder, key)
+    check_data(typed)
+    check_models_loadable(typed)
+    if main_rank:
         folder = folder.absolute()
         _new_folders.update(str(p) for p in (folder, *folder.parents) if not p.exists())
     return typed

@@ -132,52 +132,66 @@ class Comparison:
             return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(e).items() if k in keys}
 
         jaccard_keys = ("value", "ci95", "chance", "stability_base", "stability_tuned")
-        return {
-            "base": asdict(self.base),
-            "tuned": asdict(self.tuned),
-            "settings": asdict(self.settings),
-            "isn_jaccard": {
-                c: {f"eps={e:g}": estimate(v, jaccard_keys) for e, v in by_eps.items()}
-                for c, by_eps in self.isn_jaccard.items()
-            },
-            "ise_pearson": None
-            if self.ise_pearson is None
-            else {c: estimate(v, ("value", "ci95")) for c, v in self.ise_pearson.items()},
-            "epsilon_sweep": {
-                "epsilons": self.settings.sweep_epsilons,
-                "chance": self.sweep_chance,
-                **self.sweep,
-            },
-            "isn_counts": {
-                side: {c: {"isns": n, "unique": u} for c, (n, u) in counts.items()}
-                | {"general": self.general[side]}
-                for side, counts in self.isn_counts.items()
-            },
-            "layer_profile": {
-                side: {
-                    c: {**asdict(p), "ci95": list(p.ci95) if p.ci95 else None} for c, p in profiles.items()
-                }
-                for side, profiles in self.layer_profile.items()
-            },
-            "overlap": None
-            if self.overlap is None
-            else {
-                side: {
-                    "matrix": o.matrix,
-                    "diagonal_dominance": _test(o.diagonal_dominance, holm=False),
-                    "per_category": None
-                    if o.per_category is None
-                    else {c: _test(t) for c, t in o.per_category.items()},
-                }
-                for side, o in self.overlap.items()
-            },
-            "token_overlap": self.token_overlap,
-            "token_control": None
-            if self.token_control is None
-            else {side: asdict(t) for side, t in self.token_control.items()},
-            "drift": None if self.drift is None else [p.to_json() for p in self.drift],
-            "notes": self.notes,
-        }
+        return _defined_or_null(
+            {
+                "base": asdict(self.base),
+                "tuned": asdict(self.tuned),
+                "settings": asdict(self.settings),
+                "isn_jaccard": {
+                    c: {f"eps={e:g}": estimate(v, jaccard_keys) for e, v in by_eps.items()}
+                    for c, by_eps in self.isn_jaccard.items()
+                },
+                "ise_pearson": None
+                if self.ise_pearson is None
+                else {c: estimate(v, ("value", "ci95")) for c, v in self.ise_pearson.items()},
+                "epsilon_sweep": {
+                    "epsilons": self.settings.sweep_epsilons,
+                    "chance": self.sweep_chance,
+                    **self.sweep,
+                },
+                "isn_counts": {
+                    side: {c: {"isns": n, "unique": u} for c, (n, u) in counts.items()}
+                    | {"general": self.general[side]}
+                    for side, counts in self.isn_counts.items()
+                },
+                "layer_profile": {
+                    side: {
+                        c: {**asdict(p), "ci95": list(p.ci95) if p.ci95 else None}
+                        for c, p in profiles.items()
+                    }
+                    for side, profiles in self.layer_profile.items()
+                },
+                "overlap": None
+                if self.overlap is None
+                else {
+                    side: {
+                        "matrix": o.matrix,
+                        "diagonal_dominance": _test(o.diagonal_dominance, holm=False),
+                        "per_category": None
+                        if o.per_category is None
+                        else {c: _test(t) for c, t in o.per_category.items()},
+                    }
+                    for side, o in self.overlap.items()
+                },
+                "token_overlap": self.token_overlap,
+                "token_control": None
+                if self.token_control is None
+                else {side: asdict(t) for side, t in self.token_control.items()},
+                "drift": None if self.drift is None else [p.to_json() for p in self.drift],
+                "notes": self.notes,
+            }
+        )
+
+
+def _defined_or_null(value):
+    """Undefined numbers (nan) as JSON null: ``json`` would write ``NaN``, which is not JSON."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: _defined_or_null(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_defined_or_null(v) for v in value]
+    return value
 
 
 def _test(test: Test | None, holm: bool = True) -> dict | None:
@@ -277,6 +291,15 @@ def compare(
         ise_pearson = {
             c: Estimate(v, ci95=_interval(boot.ise_pearson[c]) if boot else None) for c, v in pearson.items()
         }
+    sweep = {c: [tallies[e].jaccard(c) for e in sweep_epsilons] for c in categories}
+    empty = {
+        c: [e for e, v in zip(sweep_epsilons, values, strict=True) if v != v] for c, values in sweep.items()
+    }
+    if any(empty.values()):
+        notes["epsilon_sweep"] = (
+            "null where neither model has an ISN (a Jaccard of two empty sets is undefined): "
+            + "; ".join(f"{c} at eps {', '.join(f'{e:g}' for e in eps)}" for c, eps in empty.items() if eps)
+        )
     focus = tallies[overlap_epsilon]
     layer_profile = {}
     for index, side in enumerate(SIDES):
@@ -301,7 +324,7 @@ def compare(
         ),
         isn_jaccard=isn_jaccard,
         ise_pearson=ise_pearson,
-        sweep={c: [tallies[e].jaccard(c) for e in sweep_epsilons] for c in categories},
+        sweep=sweep,
         sweep_chance=[_mean([chance(e, c) for c in categories]) for e in sweep_epsilons],
         isn_counts={
             side: {c: (focus.count(c, index), focus.unique_count(c, index)) for c in categories}
@@ -401,4 +424,6 @@ def _profile(counts: list[int], test: PhaseTest | None) -> Profile:
 
 
 def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+    """The mean of the defined values (a Jaccard of two empty sets is nan, and left out)."""
+    defined = [v for v in values if v == v]
+    return sum(defined) / len(defined) if defined else float("nan")

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass, field, make_dataclass
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -38,6 +39,9 @@ TINY_PRESET_NAMES = (
     "tiny-deepseek-v3",
 )
 
+# The Hydra config folder (conf/ beside the package in this repository's layout).
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
 # Real models that a registry package ships, loaded by name offline (sparcom.models.PACKAGED).
 PACKAGED_PRESET_NAMES = ("smollm2-135m-instruct",)
 
@@ -59,6 +63,14 @@ class SelectionMode(StrEnum):
     threshold = "threshold"
     percentile_layer = "percentile_layer"
     percentile_global = "percentile_global"
+
+
+class ProbeSplit(StrEnum):
+    """Which instructions a training run's probe set is drawn from."""
+
+    held_out = "held_out"
+    train = "train"
+    all = "all"
 
 
 class Dtype(StrEnum):
@@ -180,10 +192,16 @@ class DataConfig(DataSource):
     path: a JSONL file of HexaInst-schema records (null: the shipped HexaInst).
     max_length: longest conversation in tokens; longer ones are truncated (the response end first).
     categories: the categories trained on and probed.
+    held_out: instructions per category never trained on (a seeded split): the held-out loss per
+        category is measured on them at every snapshot, and the probe set is drawn from them by
+        default (sparcom.probe_split); 0 trains on everything.
+    split_seed: which instructions are held out.
     """
 
     max_length: int = 512
     categories: list[Category] = field(default_factory=lambda: list(Category))
+    held_out: int = 20
+    split_seed: int = 0
 
 
 _TYPES: dict[str, Any] = {
@@ -293,9 +311,12 @@ class RecordConfig:
 class TrainSparcomConfig(SparcomConfig):
     """Parameters:
     record: when snapshots are recorded during training.
+    probe_split: which instructions the probe set is drawn from: held_out (never trained on: drift
+        measured on unseen instructions, the default), train (instructions trained on) or all.
     """
 
     record: RecordConfig = field(default_factory=RecordConfig)
+    probe_split: ProbeSplit = ProbeSplit.held_out
 
 
 @dataclass
@@ -482,6 +503,17 @@ def to_object(cfg: DictConfig) -> TrainConfig | AnalyzeConfig:
         raise one_line(err) from err
     check(typed)
     return _plain_strings(typed)
+
+
+def model_preset(spec: str) -> dict:
+    """A model spec: a ``conf/model`` preset by name (``name_or_path``, ``dtype``,
+    ``chat_template_from``), or a path / hub id as it is."""
+    import yaml
+
+    preset = CONF / "model" / f"{spec}.yaml"
+    if preset.is_file():
+        return yaml.safe_load(preset.read_text())
+    return {"name_or_path": spec, "dtype": None, "chat_template_from": None}
 
 
 def as_plain(cfg: TrainConfig | AnalyzeConfig) -> dict:

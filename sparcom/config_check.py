@@ -51,20 +51,20 @@ def one_of(key: str, value: Any, accepted: Iterable[str]) -> None:
 
 
 def model_name(key: str, name_or_path: str) -> None:
-    """A model a config names must be loadable, checked in seconds and before anything heavy loads: a
-    preset (tiny, or packaged with its package installed), an existing model folder, or a hub id that
-    is in the local cache or on a reachable hub. A path is never tried as a hub id."""
+    """A model a config names must be a preset, an existing model folder or what could be a hub id:
+    a path that does not exist is refused here, never tried as a hub id. Whether a packaged preset's
+    package is installed, or a hub id can be reached, is ``check_loadable``'s question."""
     from sparcom.config import PACKAGED_PRESET_NAMES, TINY_PRESET_NAMES
 
     name = str(name_or_path)
-    if name in TINY_PRESET_NAMES:
+    if name in TINY_PRESET_NAMES or name in PACKAGED_PRESET_NAMES:
         return
-    if name in PACKAGED_PRESET_NAMES:
-        from sparcom.packaged import check_installed
-
-        return check_installed(key, name)
     path = Path(name).expanduser()
-    presets = (*TINY_PRESET_NAMES, *PACKAGED_PRESET_NAMES)
+    if name.startswith("tiny-") and not path.exists():
+        raise ConfigError(
+            f"{key}: {name!r} is not a tiny preset{closest(name, TINY_PRESET_NAMES)}; expected one of "
+            f"{', '.join(TINY_PRESET_NAMES)}, a local model folder or a hub id"
+        )
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError(
@@ -72,13 +72,26 @@ def model_name(key: str, name_or_path: str) -> None:
                 "save_pretrained, a preset or a hub id"
             )
         return
-    if name.startswith("tiny-") or _looks_like_path(name) or path.exists():
+    if _looks_like_path(name) or path.exists():
+        presets = (*PACKAGED_PRESET_NAMES, "tiny-*")
         raise ConfigError(
-            f"{key}: {name!r} does not exist{closest(name, presets)}; expected a model folder written "
-            f"by save_pretrained, a preset ({', '.join(p for p in presets if not p.startswith('tiny-'))}, "
-            "tiny-*) or a hub id"
+            f"{key}: {name!r} does not exist{closest(name, PACKAGED_PRESET_NAMES)}; expected a model folder "
+            f"written by save_pretrained, a preset ({', '.join(presets)}) or a hub id"
         )
-    hub_model(key, name)
+
+
+def check_loadable(key: str, name_or_path: str) -> None:
+    """What ``model_name`` leaves to the environment, checked in seconds: a packaged preset's package
+    is installed and whole; a hub id is in the local cache or the hub answers."""
+    from sparcom.config import PACKAGED_PRESET_NAMES
+
+    name = str(name_or_path)
+    if name in PACKAGED_PRESET_NAMES:
+        from sparcom.packaged import check_installed
+
+        check_installed(key, name)
+    elif _HUB_ID.fullmatch(name) and not name.startswith("tiny-") and not Path(name).expanduser().exists():
+        hub_model(key, name)
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -92,6 +105,30 @@ def _looks_like_path(name: str) -> bool:
         or name.endswith("/")
         or not _HUB_ID.fullmatch(name)
     )
+
+
+def check_models_loadable(cfg: TrainConfig | AnalyzeConfig) -> None:
+    """Every model a config loads can be loaded here and now (``check_loadable``), presets resolved."""
+    from sparcom.config import TrainConfig, model_preset
+
+    if isinstance(cfg, TrainConfig):
+        named = [
+            ("model.name_or_path", cfg.model.name_or_path),
+            ("model.chat_template_from", cfg.model.chat_template_from),
+        ]
+    else:
+        named = [("base", cfg.base), ("tuned", cfg.tuned)]
+        named += [
+            (f"pairs[{i}].{side}", getattr(p, side))
+            for i, p in enumerate(cfg.pairs or [])
+            for side in ("base", "tuned")
+        ]
+    for key, spec in named:
+        if spec and not str(spec).endswith(".safetensors"):
+            preset = model_preset(str(spec))
+            for name in (preset["name_or_path"], preset.get("chat_template_from")):
+                if name:
+                    check_loadable(key, name)
 
 
 def hub_model(key: str, repo_id: str) -> None:
@@ -334,23 +371,54 @@ def check_inputs(prefix: str, base: str | None, tuned: str | None, mode: str) ->
 
 def check_data(cfg: TrainConfig | AnalyzeConfig) -> list[dict]:
     """The records a config reads, loaded and checked (every problem of the file named by line; a
-    probe set that asks for more instructions than the data holds); returns them."""
+    training split or probe set that asks for more instructions than the data holds); returns them."""
     from sparcom.config import TrainConfig
     from sparcom.data import load_records
+    from sparcom.training import split_records
 
     if not isinstance(cfg, TrainConfig):
         return load_records(cfg.data.path)
     records = load_records(cfg.data.path, tuple(cfg.data.categories))
-    check_probe_fits(records, cfg.sparcom.probe.per_category)
+    held_out, split = cfg.data.held_out, cfg.sparcom.probe_split
+    if held_out < 0:
+        raise ConfigError(f"data.held_out: {held_out} is not allowed; expected 0 or a positive integer")
+    for category in sorted({r["category"] for r in records}):
+        available = sum(r["category"] == category for r in records)
+        if held_out >= available:
+            raise ConfigError(
+                f"data.held_out: {held_out} leaves no {category} record to train on ({available} in the data); "
+                f"expected at most {available - 1}"
+            )
+    if split == "held_out" and not held_out:
+        raise ConfigError(
+            "sparcom.probe_split: 'held_out' with data.held_out=0 has no instructions to probe; expected "
+            "data.held_out > 0, or sparcom.probe_split=train or all"
+        )
+    train, kept = split_records(records, held_out, cfg.data.split_seed)
+    pool, what = {
+        "held_out": (kept, "held-out records (data.held_out)"),
+        "train": (train, "records left to train on (beside data.held_out)"),
+        "all": (records, "records in the data"),
+    }[split]
+    check_probe_fits(pool, cfg.sparcom.probe.per_category, what=what)
+    if cfg.trainer.args.eval_strategy != "no" and not held_out:
+        raise ConfigError(
+            f"trainer.args.eval_strategy: {cfg.trainer.args.eval_strategy!r} evaluates on the held-out "
+            "instructions, and data.held_out is 0; expected data.held_out > 0, or eval_strategy=no"
+        )
     return records
 
 
-def check_probe_fits(records: list[dict], per_category: int, key: str = "sparcom.probe.per_category") -> None:
-    """The probe set cannot ask for more instructions of a category than the data holds."""
+def check_probe_fits(
+    records: list[dict],
+    per_category: int,
+    key: str = "sparcom.probe.per_category",
+    what: str = "records in the data",
+) -> None:
+    """A setting cannot ask for more instructions of a category than ``records`` hold."""
     for category in sorted({r["category"] for r in records}):
         available = sum(r["category"] == category for r in records)
         if per_category > available:
             raise ConfigError(
-                f"{key}: {per_category} is more than the {available} {category} records in the data; "
-                f"expected at most {available}"
+                f"{key}: {per_category} is more than the {available} {category} {what}; expected at most {available}"
             )

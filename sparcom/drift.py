@@ -25,6 +25,10 @@ class DriftPoint:
             would have (against the base).
         ise_pearson: reference -> category -> Pearson r of expert frequencies (MoE models).
         isn_stability: epsilon -> category -> split-half stability (the base snapshot only).
+        held_out_loss: category -> response loss (nats/token) on the held-out instructions, never
+            trained on, of the model at this step; empty where none was measured.
+        headline_epsilon: the epsilon whose numbers are also logged under epsilon-free keys, so that
+            runs that differ in ``sparcom.epsilons`` share one column (``sparcom.overlap_epsilon``).
     """
 
     step: int
@@ -32,25 +36,39 @@ class DriftPoint:
     isn_chance: dict[float, dict[str, float]]
     ise_pearson: dict[str, dict[str, float]] = field(default_factory=dict)
     isn_stability: dict[float, dict[str, float]] = field(default_factory=dict)
+    held_out_loss: dict[str, float] = field(default_factory=dict)
+    headline_epsilon: float | None = None
 
     def wandb_metrics(self) -> dict[str, float]:
         """``sparcom/isn_jaccard/{ref}/eps={E}/{category}`` (and ``/mean``), the chance level
-        ``sparcom/isn_jaccard_chance/base/eps={E}/{category}``, ``sparcom/ise_pearson/{ref}/{category}``
-        and, at step 0, ``sparcom/isn_stability/eps={E}/{category}``."""
+        ``sparcom/isn_jaccard_chance/base/eps={E}/{category}``, ``sparcom/ise_pearson/{ref}/{category}``,
+        at step 0 ``sparcom/isn_stability/eps={E}/{category}``, the headline epsilon's numbers again
+        without ``/eps={E}``, and the held-out loss ``eval/loss/{category}`` (and ``/mean``, over
+        categories)."""
         metrics: dict[str, float] = {}
+        headline = self.headline_epsilon
         for reference, by_epsilon in self.isn_jaccard.items():
             for epsilon, values in by_epsilon.items():
                 metrics |= _with_mean(f"sparcom/isn_jaccard/{reference}/eps={epsilon:g}", values)
+                if epsilon == headline:
+                    metrics |= _with_mean(f"sparcom/isn_jaccard/{reference}", values)
         for epsilon, values in self.isn_chance.items():
             metrics |= _with_mean(f"sparcom/isn_jaccard_chance/base/eps={epsilon:g}", values)
+            if epsilon == headline:
+                metrics |= _with_mean("sparcom/isn_jaccard_chance/base", values)
         for reference, values in self.ise_pearson.items():
             metrics |= _with_mean(f"sparcom/ise_pearson/{reference}", values)
         for epsilon, values in self.isn_stability.items():
             metrics |= _with_mean(f"sparcom/isn_stability/eps={epsilon:g}", values)
+            if epsilon == headline:
+                metrics |= _with_mean("sparcom/isn_stability", values)
+        if self.held_out_loss:
+            metrics |= _with_mean("eval/loss", self.held_out_loss)
         return metrics
 
     def table_rows(self) -> list[list]:
-        """Rows ``[step, category, epsilon, isn_jaccard_base, isn_jaccard_prev, chance, ise_pearson_base]``."""
+        """Rows ``[step, category, epsilon, isn_jaccard_base, isn_jaccard_prev, chance, ise_pearson_base,
+        held_out_loss]``."""
         rows = []
         for epsilon, values in self.isn_jaccard["base"].items():
             for category, value in values.items():
@@ -65,6 +83,7 @@ class DriftPoint:
                         previous,
                         self.isn_chance[epsilon][category],
                         pearson,
+                        self.held_out_loss.get(category),
                     ]
                 )
         return rows
@@ -79,6 +98,8 @@ class DriftPoint:
             "isn_chance": keyed(self.isn_chance),
             "ise_pearson": self.ise_pearson,
             "isn_stability": keyed(self.isn_stability),
+            "held_out_loss": self.held_out_loss,
+            "headline_epsilon": self.headline_epsilon,
         }
 
     @classmethod
@@ -92,6 +113,8 @@ class DriftPoint:
             isn_chance=unkeyed(row["isn_chance"]),
             ise_pearson=row.get("ise_pearson", {}),
             isn_stability=unkeyed(row.get("isn_stability", {})),
+            held_out_loss=row.get("held_out_loss") or {},
+            headline_epsilon=row.get("headline_epsilon"),
         )
 
 
@@ -103,13 +126,15 @@ TABLE_COLUMNS = [
     "isn_jaccard_prev",
     "chance",
     "ise_pearson_base",
+    "held_out_loss",
 ]
 
 
 def _with_mean(prefix: str, values: dict[str, float]) -> dict[str, float]:
-    return {f"{prefix}/{c}": v for c, v in values.items()} | {
-        f"{prefix}/mean": sum(values.values()) / len(values)
-    }
+    """Each category's value and their mean (over the defined ones: nan marks an undefined Jaccard)."""
+    defined = [v for v in values.values() if v == v]
+    mean = sum(defined) / len(defined) if defined else float("nan")
+    return {f"{prefix}/{c}": v for c, v in values.items()} | {f"{prefix}/mean": mean}
 
 
 def drift_point(
@@ -120,8 +145,11 @@ def drift_point(
     epsilons: Sequence[float],
     mode: str,
     stability: dict[float, dict[str, float]] | None = None,
+    held_out_loss: dict[str, float] | None = None,
+    headline_epsilon: float | None = None,
 ) -> DriftPoint:
-    """Compare ``current`` with the base snapshot (and with the previous one, if any)."""
+    """Compare ``current`` with the base snapshot (and with the previous one, if any); the held-out
+    loss measured at this step travels with it."""
     references = {"base": base} | ({"prev": previous} if previous is not None else {})
     jaccard, pearson, chance = {}, {}, {}
     for name, reference in references.items():
@@ -135,7 +163,7 @@ def drift_point(
         correlations = ise_alteration(reference, current)
         if correlations:
             pearson[name] = correlations
-    return DriftPoint(step, jaccard, chance, pearson, stability or {})
+    return DriftPoint(step, jaccard, chance, pearson, stability or {}, held_out_loss or {}, headline_epsilon)
 
 
 def _sizes(tallies, category: str):

@@ -11,11 +11,21 @@ import torch
 from sparcom.select import NeuronSet, flatten
 
 
+def jaccard_ratio(intersection, size_a, size_b) -> torch.Tensor:
+    """``I / (|A| + |B| - I)`` elementwise, in float64 (numbers or tensors of any shape). Undefined
+    (nan) where both sets are empty: two empty ISN sets neither agree nor disagree, and a 1.0 there
+    would read as "unchanged" on a figure. The one Jaccard of every comparison in sparcom."""
+    intersection, size_a, size_b = (
+        torch.as_tensor(v, dtype=torch.float64) for v in (intersection, size_a, size_b)
+    )
+    union = size_a + size_b - intersection
+    return torch.where(union > 0, intersection / union.clamp(min=1), torch.nan)
+
+
 def jaccard(a: NeuronSet, b: NeuronSet) -> float:
-    """``|a & b| / |a | b|`` over all sites of two sets; 1.0 when both are empty (they are equal)."""
+    """``|a & b| / |a | b|`` over all sites of two sets; nan when both are empty (``jaccard_ratio``)."""
     x, y = flatten(a), flatten(b, list(a))
-    union = int((x | y).sum())
-    return 1.0 if union == 0 else int((x & y).sum()) / union
+    return float(jaccard_ratio(int((x & y).sum()), int(x.sum()), int(y.sum())))
 
 
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -58,9 +68,10 @@ def shared_counts(chosen: torch.Tensor) -> torch.Tensor:
 
 
 def jaccard_from_counts(intersections: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-    """``[N, N]`` shared counts and ``[N]`` set sizes -> ``[N, N]`` Jaccard (1.0 where both are empty)."""
-    union = sizes[:, None] + sizes[None, :] - intersections
-    return torch.where(union > 0, intersections / union.clamp(min=1), torch.ones_like(intersections))
+    """``[N, N]`` shared counts and ``[N]`` set sizes -> ``[N, N]`` Jaccard of instruction pairs, 1.0
+    where both instructions have no ISN: for the overlap matrices two such instructions count as
+    alike, so that block means over a category stay defined."""
+    return jaccard_ratio(intersections, sizes[:, None], sizes[None, :]).nan_to_num(nan=1.0)
 
 
 def category_block_means(

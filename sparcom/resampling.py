@@ -31,6 +31,7 @@ from numbers import Integral
 import torch
 
 from sparcom.analysis import neuron_sites
+from sparcom.metrics import jaccard_ratio
 from sparcom.select import NEURON_KINDS, SELECTION_MODES, GlobalTopFraction, check_epsilon, threshold_count
 from sparcom.select import top_fraction_rows as _top_fraction_rows
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable
@@ -38,7 +39,6 @@ from sparcom.stats import (
     Estimate,
     PhaseTest,
     estimate,
-    jaccard_from_sizes,
     layer_thirds,
     pearson_from_moments,
     phase_test,
@@ -106,8 +106,9 @@ def _check_arguments(epsilons: Sequence[float], mode: str, **counts: int) -> lis
 
 
 def _aligned_rows(snapshots: Sequence[Snapshot], names: Sequence[str]) -> dict[str, list[torch.Tensor]]:
-    """Category -> one row index tensor per snapshot, the same instructions in the same order
-    (the first snapshot's), matched by instruction id."""
+    """Category -> one row index tensor per snapshot, the same instructions in the same order (by
+    instruction id, so that the same instructions resample alike however they were recorded),
+    matched by instruction id."""
     for snapshot, name in zip(snapshots, names, strict=True):
         if snapshot.instruction_counts is None or snapshot.instruction_tokens is None:
             raise MissingInstructionCounts(
@@ -130,11 +131,11 @@ def _aligned_rows(snapshots: Sequence[Snapshot], names: Sequence[str]) -> dict[s
     index = [{i: row for row, i in enumerate(s.instruction_ids)} for s in snapshots]
     rows = {}
     for category in first.categories:
-        ids = [
+        ids = sorted(
             i
             for i, c in zip(first.instruction_ids, first.instruction_categories, strict=True)
             if c == category
-        ]
+        )
         if not ids:
             raise SnapshotError(f"category {category!r} has no instructions with per-instruction counts")
         rows[category] = [torch.tensor([position[i] for i in ids]) for position in index]
@@ -220,8 +221,8 @@ def resample_pass(
 
     Args:
         snapshots: ``K`` snapshots of the same instructions (matched by id) and sites.
-        weights: category -> ``[R, N_c]`` weights over the category's instructions, in the first
-            snapshot's order; the same for every snapshot (paired resamples).
+        weights: category -> ``[R, N_c]`` weights over the category's instructions, in the order of
+            their ids; the same for every snapshot (paired resamples).
         epsilons, mode: the ISN selection, as in ``sparcom.select.isn``.
         pairs: ``((k_a, rows_a), (k_b, rows_b))``: intersect row ``rows_a[p]`` of snapshot ``k_a`` with
             row ``rows_b[p]`` of snapshot ``k_b``, per site.
@@ -356,9 +357,11 @@ def paired_bootstrap(
     names = ("base", "tuned")
     result = resample_pass([base, tuned], weights, epsilons, mode, ((0, every), (1, every)), True, names)
     totals = result.sizes.sum(-1)  # [K, C, E, R]
-    jaccard = jaccard_from_sizes(result.intersections.sum(-1), totals[0], totals[1])  # [C, E, R]
+    jaccard = jaccard_ratio(result.intersections.sum(-1), totals[0], totals[1])  # [C, E, R]
     # "mean": the mean over categories of each resample (categories are resampled independently).
-    rows = dict(zip(base.categories, jaccard, strict=True)) | {"mean": jaccard.mean(0)}
+    rows = dict(zip(base.categories, jaccard, strict=True)) | {
+        "mean": jaccard.nanmean(0)
+    }  # over the categories where it is defined
     isn_jaccard = {
         c: {epsilon: estimate(row[e]) for e, epsilon in enumerate(epsilons)} for c, row in rows.items()
     }
@@ -405,8 +408,8 @@ def sampling_stability(
         [snapshot], weights, epsilons, mode, ((0, halves[0::2]), (0, halves[1::2])), names=["given"]
     )
     sizes = result.sizes[0].sum(-1)  # [C, E, 2 * splits]
-    jaccard = jaccard_from_sizes(result.intersections.sum(-1), sizes[..., 0::2], sizes[..., 1::2])
-    means = jaccard.mean(-1)
+    jaccard = jaccard_ratio(result.intersections.sum(-1), sizes[..., 0::2], sizes[..., 1::2])
+    means = jaccard.nanmean(-1)  # over the splits where it is defined
     return {
         c: {epsilon: float(means[i, e]) for e, epsilon in enumerate(epsilons)}
         for i, c in enumerate(snapshot.categories)

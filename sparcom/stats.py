@@ -65,7 +65,7 @@ def expected_jaccard(sizes_a: Sequence[int], sizes_b: Sequence[int], widths: Seq
     site's distribution is cut to a window outside which Hoeffding's bound for sampling without
     replacement leaves at most 1e-15 of its mass; with the FFT's round-off the value is exact to
     about 1e-12. A call at the shape of Qwen1.5-MoE-A2.7B (48 sites) takes about 20 ms.
-    Two empty sets have Jaccard 1 (as ``sparcom.metrics.jaccard``).
+    Two empty sets have no Jaccard (nan, as ``sparcom.metrics.jaccard_ratio``).
     """
     a, b, n = (np.asarray(v, dtype=np.int64).reshape(-1) for v in (sizes_a, sizes_b, widths))
     if not a.shape == b.shape == n.shape:
@@ -77,7 +77,7 @@ def expected_jaccard(sizes_a: Sequence[int], sizes_b: Sequence[int], widths: Seq
         )
     total = int(a.sum() + b.sum())
     if total == 0:
-        return 1.0
+        return float("nan")
     windows, expected, spread = [], 0.0, 0
     for size_a, size_b, size in zip(a.tolist(), b.tolist(), n.tolist(), strict=True):
         mean, reach = size_a * size_b / max(size, 1), _reach(min(size_a, size_b))
@@ -119,14 +119,6 @@ def _hypergeometric_window(low: int, high: int, size_a: int, size_b: int, size: 
 
 
 # ------------------------------------------------------------------------ resample statistics
-
-
-def jaccard_from_sizes(
-    intersection: torch.Tensor, size_a: torch.Tensor, size_b: torch.Tensor
-) -> torch.Tensor:
-    """Elementwise ``I / (|A| + |B| - I)`` in float64; 1 where both sets are empty."""
-    union = (size_a + size_b - intersection).double()
-    return torch.where(union > 0, intersection.double() / union.clamp(min=1), 1.0)
 
 
 def pearson_from_moments(moments: torch.Tensor, n: int) -> torch.Tensor:

@@ -20,68 +20,14 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from sparcom.conversation import encode
 from sparcom.data import Record
 from sparcom.intervention import check_editable, check_neurons, intervene, neuron_sites, random_sets
-from sparcom.probe import length_bucketed, pad_batch
-from sparcom.recorder import inference_mode
+from sparcom.response_loss import ResponseLoss
 from sparcom.select import NeuronSet, category_isn
 from sparcom.snapshot import Snapshot
 
 DEFAULT_SCALES = (0.0, 0.5, 1.5, 2.0, 3.0)
 COLUMNS = ("steered", "evaluated", "scale", "loss_delta", "control_mean", "control_sd")
-
-
-class ResponseLoss:
-    """Mean next-token cross-entropy on each category's response tokens over fixed records:
-    tokenised and batched once, evaluated as often as the model is changed."""
-
-    def __init__(
-        self,
-        tokenizer,
-        records: Sequence[Record],
-        categories: Sequence[str],
-        batch_size: int = 8,
-        max_length: int | None = None,
-    ):
-        if not records:
-            raise ValueError("no records to measure the response loss on")
-        unknown = sorted({r["category"] for r in records} - set(categories))
-        if unknown:
-            raise ValueError(f"records of categories {unknown}; expected only {list(categories)}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        self.categories = list(categories)
-        encoded = [encode(r, tokenizer, max_length) for r in records]
-        category_of = torch.tensor([self.categories.index(r["category"]) for r in records])
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        scored = {r["category"] for r, e in zip(records, encoded, strict=True) if e.response_mask[1:].any()}
-        silent = [c for c in self.categories if c not in scored]
-        if silent:
-            raise ValueError(
-                f"no response tokens to score for categories {silent} (no records of them, or "
-                f"max_length={max_length} cuts the responses off)"
-            )
-        self.batches = []
-        for batch in length_bucketed([len(e.input_ids) for e in encoded], batch_size):
-            ids, attention, scope = pad_batch([encoded[i] for i in batch], "response", pad_id)
-            self.batches.append((ids, attention, scope[:, 1:], category_of[batch]))
-
-    def __call__(self, model: nn.Module) -> torch.Tensor:
-        """``[C]`` float64 loss per category (0 for a category without response tokens)."""
-        total = torch.zeros(len(self.categories), dtype=torch.float64)
-        tokens = torch.zeros(len(self.categories), dtype=torch.float64)
-        device = next(model.parameters()).device
-        with inference_mode(model):
-            for ids, attention, mask, rows in self.batches:
-                logits = model(
-                    input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False
-                ).logits
-                log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
-                nll = -log_probs.gather(-1, ids[:, 1:, None]).squeeze(-1)  # [B, L-1]: token t from t-1
-                total.index_add_(0, rows, (nll * mask).sum(1).double())
-                tokens.index_add_(0, rows, mask.sum(1).double())
-        return total / tokens.clamp(min=1)
 
 
 @dataclass(frozen=True)

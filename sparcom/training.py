@@ -50,6 +50,34 @@ def probe_set(records: Sequence[Record], per_category: int, seed: int = 0) -> li
     return chosen
 
 
+def split_records(
+    records: Sequence[Record], held_out: int, seed: int = 0
+) -> tuple[list[Record], list[Record]]:
+    """``(train, held_out)``: ``held_out`` records of each category set aside, never trained on. The
+    draw depends on the records' ids and the seed only, not on their order in the file."""
+    rng = random.Random(seed)
+    kept: set[str] = set()
+    for category in CATEGORIES:
+        ids = sorted(r["id"] for r in records if r["category"] == category)
+        kept.update(rng.sample(ids, min(held_out, len(ids))))
+    return [r for r in records if r["id"] not in kept], [r for r in records if r["id"] in kept]
+
+
+def run_records(
+    records: Sequence[Record],
+    held_out: int,
+    split_seed: int,
+    probe_split: str,
+    per_category: int,
+    probe_seed: int,
+) -> tuple[list[Record], list[Record], list[Record]]:
+    """A training run's ``(train, held_out, probe)`` records: the split, and the probe set drawn from
+    the part ``probe_split`` names (held_out, train or all)."""
+    train, kept = split_records(records, held_out, split_seed)
+    pool = {"held_out": kept, "train": train, "all": list(records)}[probe_split]
+    return train, kept, probe_set(pool, per_category, probe_seed)
+
+
 def sft_dataset(records: Sequence[Record], tokenizer, max_length: int | None):
     """Pre-tokenised SFT data: ``input_ids`` and ``completion_mask`` (the response tokens), from the
     same ``encode`` the probe uses, so training and probing see identical conversations."""

@@ -330,7 +330,7 @@ def test_analysis_folder():
 
 def test_run_config_is_plain_yaml_and_json(tmp_path):
     """The typed config holds only plain values: the W&B config and config.yaml carry no objects."""
-    cfg = compose("train", ["trainer=lora"])
+    cfg = compose("train", ["trainer=lora", "model=tiny-qwen2-moe"])
     from sparcom.training import wandb_settings
 
     settings = wandb_settings(cfg, tmp_path / "run")

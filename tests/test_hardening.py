@@ -118,8 +118,23 @@ BAD_INPUT = [
         ["out=/proc/sparcom", "base=tiny-llama", "tuned=tiny-llama"],
         "out: '/proc/sparcom' cannot be created",
     ),
-    # A probe set larger than the data.
-    ("train.py", ["sparcom.probe.per_category=201"], "sparcom.probe.per_category: 201 is more than the 200"),
+    # A probe set larger than the data, or than the held-out instructions it is drawn from.
+    (
+        "train.py",
+        ["sparcom.probe.per_category=201", "sparcom.probe_split=all"],
+        "sparcom.probe.per_category: 201 is more than the 200 classification records in the data",
+    ),
+    (
+        "train.py",
+        ["sparcom.probe.per_category=30"],
+        "sparcom.probe.per_category: 30 is more than the 20 classification held-out records (data.held_out)",
+    ),
+    ("train.py", ["data.held_out=200"], "data.held_out: 200 leaves no classification record to train on"),
+    (
+        "train.py",
+        ["trainer.args.eval_strategy=steps", "data.held_out=0", "sparcom.probe_split=all"],
+        "trainer.args.eval_strategy: 'steps' evaluates on the held-out instructions, and data.held_out is 0",
+    ),
 ]
 
 

@@ -49,7 +49,7 @@ def test_jaccard_and_pearson_by_hand():
     b = {"x": torch.tensor([T, F, T, F]), "y": torch.tensor([T])}
     assert jaccard(a, b) == 2 / 4  # intersection {x0, y0}, union {x0, x1, x2, y0}
     empty = {"x": torch.zeros(3, dtype=torch.bool)}
-    assert jaccard(empty, empty) == 1.0
+    assert math.isnan(jaccard(empty, empty))  # two empty sets neither agree nor disagree
     assert pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 6.0])) == pytest.approx(1.0)
     assert pearson(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 2.0, 1.0])) == pytest.approx(-1.0)
     assert math.isnan(pearson(torch.ones(3), torch.tensor([1.0, 2.0, 3.0])))

@@ -21,7 +21,14 @@ from sparcom.resampling import (
     resample_pass,
     sampling_stability,
 )
-from sparcom.select import NEURON_KINDS, GlobalTopFraction, instruction_isn, isn, top_fraction_rows
+from sparcom.select import (
+    NEURON_KINDS,
+    GlobalTopFraction,
+    category_isn,
+    instruction_isn,
+    isn,
+    top_fraction_rows,
+)
 from sparcom.snapshot import Snapshot, SnapshotError
 from sparcom.stats import expected_jaccard, layer_thirds, pearson_from_moments, phase_margin
 
@@ -85,7 +92,7 @@ def test_chance_jaccard_at_qwen_moe_shapes_and_edge_cases():
     assert expected_jaccard(a, b, widths) == pytest.approx(first_order, rel=1e-5)
     tensors = [torch.tensor(values) for values in (a, b, widths)]  # as the category tallies hold them
     assert expected_jaccard(*tensors) == expected_jaccard(a, b, widths)
-    assert expected_jaccard([0, 0], [0, 0], [5, 5]) == 1.0
+    assert math.isnan(expected_jaccard([0, 0], [0, 0], [5, 5]))  # two empty sets: undefined
     assert expected_jaccard([0, 0], [3, 0], [5, 5]) == 0.0
     assert expected_jaccard([5], [5], [5]) == 1.0
     with pytest.raises(ValueError, match="site 1 has sizes 6 and 2 of 5"):
@@ -117,6 +124,7 @@ def test_resample_pass_equals_selection_on_weighted_frequencies(pair, mode):
 
     for i, category in enumerate(CATEGORIES):
         members = [n for n, c in enumerate(base.instruction_categories) if c == category]
+        members.sort(key=lambda n: base.instruction_ids[n])  # weights are over instructions in id order
         for e, epsilon in enumerate((0.3, 0.6)):
             sets = []
             for snapshot in (base, tuned):
@@ -160,9 +168,13 @@ def test_a_snapshot_against_itself_is_one_with_interval_one(pair, mode):
     base, _ = pair
     result = paired_bootstrap(base, base, [0.1, 0.5, 1.0], mode, resamples=25, seed=4)
     for category in CATEGORIES:
-        estimates = [*result.isn_jaccard[category].values(), result.ise_pearson[category]]
-        for estimate in estimates:
-            assert (estimate.value, estimate.ci95.lo, estimate.ci95.hi) == (1.0, 1.0, 1.0)
+        assert (lambda e: (e.value, e.ci95.lo, e.ci95.hi))(result.ise_pearson[category]) == (1.0, 1.0, 1.0)
+        for epsilon, estimate in result.isn_jaccard[category].items():
+            numbers = (estimate.value, estimate.ci95.lo, estimate.ci95.hi)
+            if any(chosen.any() for chosen in category_isn(base, category, epsilon, mode).values()):
+                assert numbers == (1.0, 1.0, 1.0)
+            else:  # no ISN at all (threshold 1.0): two empty sets have no Jaccard
+                assert all(math.isnan(v) for v in numbers), (category, epsilon)
 
 
 def test_same_seed_same_result_and_the_bootstrap_phases_match_the_single_snapshot_test(pair):

@@ -15,8 +15,9 @@ from sparcom.conversation import encode
 from sparcom.data import CATEGORIES
 from sparcom.intervention import random_sets
 from sparcom.models import load_model
+from sparcom.response_loss import ResponseLoss
 from sparcom.select import category_isn
-from sparcom.steer import COLUMNS, ResponseLoss, dose_response, held_out, write_dose_response
+from sparcom.steer import COLUMNS, dose_response, held_out, write_dose_response
 
 from conftest import per_category
 

@@ -23,10 +23,12 @@ import torch
 from scipy.stats import norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sparcom.metrics import jaccard  # noqa: E402
+from sparcom.metrics import (
+    jaccard,  # noqa: E402
+    jaccard_ratio,  # noqa: E402
+)
 from sparcom.resampling import paired_bootstrap, resample_pass  # noqa: E402
 from sparcom.select import isn  # noqa: E402
-from sparcom.stats import jaccard_from_sizes  # noqa: E402
 
 from synthetic import Population, draw  # noqa: E402 (path set above)
 
@@ -64,7 +66,7 @@ def one_dataset(rng, mode, epsilon, per_category, neurons, spread, shift, a, b, 
     every = torch.arange(resamples + 1)
     result = resample_pass([base, tuned], weights, [epsilon], mode, ((0, every), (1, every)))
     sizes = result.sizes.sum(-1)
-    values = jaccard_from_sizes(result.intersections.sum(-1), sizes[0], sizes[1])[0, 0]
+    values = jaccard_ratio(result.intersections.sum(-1), sizes[0], sizes[1])[0, 0]
     value, resampled = float(values[0]), values[1:]
     assert value == estimate.value
     basic = (2 * value - estimate.ci95.hi, 2 * value - estimate.ci95.lo)

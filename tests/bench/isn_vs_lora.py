@@ -52,7 +52,8 @@ def run_one(method: str, steps: int) -> dict:
     from sparcom.data import load_records
     from sparcom.isn_training import isn_only, lora_rank_matching, select_isns
     from sparcom.models import build_tiny
-    from sparcom.steer import ResponseLoss, held_out
+    from sparcom.response_loss import ResponseLoss
+    from sparcom.steer import held_out
     from sparcom.training import probe_set, sft_dataset
 
     preset, overrides = MODEL
