@@ -113,9 +113,11 @@ def dominant_rows(z: torch.Tensor, bound: float) -> torch.Tensor:
     return (diagonal > bound) & (diagonal > others)
 
 
-def dominance(z: torch.Tensor, draws: int, alpha: float = 0.05) -> dict:
+def dominance(z: torch.Tensor, draws: int, alpha: float = 0.05, two_sided: bool = False) -> dict:
     """Does the diagonal dominate? Yes when a majority of rows (4 of 6) are dominant rows: the
-    diagonal z above ``null_bound(draws, alpha)`` and above every off-diagonal z of the row.
+    diagonal z above ``null_bound(draws, alpha)`` and above every off-diagonal z of the row
+    (``two_sided``: the same on ``|z|`` at ``alpha / 2`` per side, for edits whose direction is not
+    known in advance, such as amplifying neurons).
 
     Under the null (ISN changes exchangeable with normal control draws) a row passes with
     probability at most ``alpha``; rows use separate neuron sets and draws, so a false "dominates"
@@ -123,17 +125,21 @@ def dominance(z: torch.Tensor, draws: int, alpha: float = 0.05) -> dict:
     Returns the passing rows, the bound, that rate, ``dominant`` and a one-sentence ``verdict``.
     """
     size = z.shape[-1]
-    bound = null_bound(draws, alpha)
-    passing = dominant_rows(z, bound)
+    bound = null_bound(draws, alpha / 2 if two_sided else alpha)
+    passing = dominant_rows(z.abs() if two_sided else z, bound)
     majority = size // 2 + 1
     count = int(passing.sum())
     false_positive = float(stats.binom.sf(majority - 1, size, alpha))
     dominant = count >= majority
+    where = "further than" if two_sided else "more than"
+    side = "from" if two_sided else "above"
+    rule = f"two-sided {alpha:g}" if two_sided else f"one-sided {alpha:g}"
     verdict = (
         f"The diagonal {'dominates' if dominant else 'does not dominate'}: in {count} of {size} rows the "
-        f"loss change on the row's own category lies more than {bound:.2f} control SDs above the mean of "
-        f"{draws} random-neuron draws (z, one-sided {alpha:g} bound) and above every other z of its row, "
-        f"and the rule asks for {majority} of {size} (false-positive rate at most {false_positive:.1g})."
+        f"loss change on the row's own category lies {where} {bound:.2f} control SDs {side} the mean of "
+        f"{draws} random-neuron draws (z, {rule} bound) and {'further out than' if two_sided else 'above'} "
+        f"every other z of its row, and the rule asks for {majority} of {size} (false-positive rate at "
+        f"most {false_positive:.1g})."
     )
     return {
         "rows": [bool(r) for r in passing],

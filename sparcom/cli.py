@@ -64,9 +64,6 @@ def prepare(config_name: str, argv: list[str] | None = None) -> list[str]:
     """Everything an entry point does before ``@hydra.main``: name the launch, register the schemas
     and ``checked_launch``, reporting bad input on one line (exit status 2). Returns the command line
     Hydra runs (``sys.argv`` is updated when ``argv`` is None)."""
-    os.environ.setdefault(STAMP, run_stamp())
-    register()
-    OmegaConf.register_new_resolver("analysis_dir", analysis_dir, replace=True)
     given = sys.argv[1:] if argv is None else list(argv)
     with reported():
         final = checked_launch(config_name, given)
@@ -82,6 +79,9 @@ def checked_launch(config_name: str, argv: list[str]) -> list[str]:
     through. Returns the command line to run."""
     from hydra._internal.utils import get_args_parser
 
+    os.environ.setdefault(STAMP, run_stamp())
+    register()
+    OmegaConf.register_new_resolver("analysis_dir", analysis_dir, replace=True)
     args = get_args_parser().parse_args(argv)
     if args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
         return argv

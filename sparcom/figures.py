@@ -24,6 +24,12 @@ def decimals(values: Sequence[float], significant: int = 3) -> int:
     return max(2, significant - 1 - int(np.floor(np.log10(largest))))
 
 
+def cell_text(value: float, places: int) -> str:
+    """A number with ``places`` decimals; one that rounds to zero prints as "0", never "-0.00000"."""
+    text = f"{value:.{places}f}"
+    return "0" if float(text) == 0 else text
+
+
 def heatmaps(
     panels: dict[str, np.ndarray],
     labels: Sequence[str],
@@ -62,7 +68,7 @@ def heatmaps(
             red, green, blue, _ = cmap(norm(value))
             dark = 0.299 * red + 0.587 * green + 0.114 * blue < 0.5  # perceived luminance
             colour = "white" if dark else "black"
-            axes.text(b, a, f"{value:.{places}f}", ha="center", va="center", fontsize=7.5, color=colour)
+            axes.text(b, a, cell_text(value, places), ha="center", va="center", fontsize=7.5, color=colour)
         if marks and name in marks:
             for a, b in np.argwhere(np.asarray(marks[name])):
                 axes.add_patch(
@@ -122,3 +128,101 @@ def layer_profile_plot(profiles: dict[str, list[int]], title: str, path: str | P
     """ISN count per layer, one line per category."""
     layers = range(len(next(iter(profiles.values()))))
     return lines(layers, {title: profiles}, path, "layer", "ISN count", integer_x=True)
+
+
+def category_colours(categories: Sequence[str]) -> dict[str, str]:
+    """One colour per category, the same in every panel of a figure."""
+    return {category: f"C{index}" for index, category in enumerate(categories)}
+
+
+def drift(
+    steps: Sequence[int],
+    jaccard: dict[float, dict[str, Sequence[float]]],
+    chance: dict[float, Sequence[float]],
+    stability: dict[float, float],
+    loss: dict[str, Sequence[float | None]],
+    path: str | Path,
+) -> Path:
+    """``drift_plot`` saved to ``path``."""
+    drift_plot(steps, jaccard, chance, stability, loss).savefig(path)
+    return Path(path)
+
+
+def drift_plot(
+    steps: Sequence[int],
+    jaccard: dict[float, dict[str, Sequence[float]]],
+    chance: dict[float, Sequence[float]],
+    stability: dict[float, float],
+    loss: dict[str, Sequence[float | None]],
+) -> Figure:
+    """ISN drift and capability on one page-wide figure. Top row: per epsilon, each category's ISN
+    Jaccard against step 0 on the full 0-1 axis, with the chance level (mean over categories, per
+    step, dashed) and the split-half stability at step 0 (mean over categories, dotted). Bottom row:
+    each category's held-out response loss, in the same colours (omitted without it)."""
+    categories = list(next(iter(jaccard.values())))
+    colours = category_colours(categories)
+    rows = 2 if loss else 1
+    figure = Figure(figsize=(12, 3.9 * rows + 0.6), dpi=100, layout="constrained")
+    grid = figure.add_gridspec(rows, len(jaccard))
+    first = None
+    for column, (epsilon, series) in enumerate(jaccard.items()):
+        axes = figure.add_subplot(grid[0, column], sharey=first)
+        first = first or axes
+        for category, values in series.items():
+            axes.plot(steps, values, marker="o", markersize=3, color=colours[category], label=category)
+        axes.plot(steps, chance[epsilon], linestyle="--", color="grey", label="chance (mean of categories)")
+        if epsilon in stability:
+            axes.axhline(
+                stability[epsilon], linestyle=":", color="black", label="split-half stability, step 0 (mean)"
+            )
+        axes.set_ylim(0, 1.02)
+        axes.set_title(f"ISN Jaccard vs step 0, eps={epsilon:g}", fontsize=10)
+        axes.set_xlabel("training step")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+        if column == 0:
+            axes.set_ylabel("Jaccard (0-1, full axis)")
+    handles, labels = first.get_legend_handles_labels()
+    if loss:
+        axes = figure.add_subplot(grid[1, :])
+        for category, values in loss.items():
+            points = [(s, v) for s, v in zip(steps, values, strict=True) if v is not None]
+            if points:
+                axes.plot(*zip(*points, strict=True), marker="o", markersize=3, color=colours[category])
+        axes.set_title("Held-out response loss (instructions never trained on)", fontsize=10)
+        axes.set_xlabel("training step")
+        axes.set_ylabel("nats/token")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.grid(alpha=0.3)
+    figure.legend(handles, labels, loc="outside right upper", fontsize=9)
+    return figure
+
+
+def zoomed_lines(
+    x: Sequence[int],
+    series: dict[str, Sequence[float]],
+    path: str | Path,
+    xlabel: str,
+    ylabel: str,
+    title: str,
+) -> tuple[Path, tuple[float, float]]:
+    """One panel, page-wide, with its y axis fitted to the data rather than to the measure's range:
+    the axis label says so and gives the range, and the range is returned for the caption."""
+    colours = category_colours(list(series))
+    values = [v for line in series.values() for v in line if v == v]
+    low, high = (min(values), max(values)) if values else (0.0, 1.0)
+    margin = max(0.1 * (high - low), 1e-4)
+    low, high = low - margin, high + margin
+    figure = Figure(figsize=(12, 3.8), dpi=100, layout="constrained")
+    axes = figure.subplots()
+    for name, line in series.items():
+        axes.plot(list(x), list(line), marker="o", markersize=3, color=colours[name], label=name)
+    axes.set_ylim(low, high)
+    axes.set_title(title, fontsize=10)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(f"{ylabel}\n(axis zoomed to {low:.3f}-{high:.3f})")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.grid(alpha=0.3)
+    figure.legend(loc="outside right upper", fontsize=9)
+    figure.savefig(path)
+    return Path(path), (low, high)

@@ -72,7 +72,15 @@ def write_explain_page(cards: Sequence[NeuronCard], out: Path, *, model: str, se
         "frequency per category (its own in orange), and the counted tokens where its activation "
         "act(gate(x)) is largest, the token marked in its context.</p>"
     )
-    return write_page(out / PAGE, f"SPARCOM neurons: {model}", sections, header=header)
+    description = f"neuron cards: {len(cards)} neurons of {len(by_category)} categories, their top contexts"
+    return write_page(
+        out / PAGE,
+        f"SPARCOM neurons: {model}",
+        sections,
+        header=header,
+        description=description,
+        contents=True,
+    )
 
 
 def card_text(card: NeuronCard, width: int = 100) -> str:

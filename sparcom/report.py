@@ -8,6 +8,8 @@ import base64
 import csv
 import html
 import json
+import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,12 +160,16 @@ def write_comparison(c: Comparison, out: Path) -> Path:
         reference=("chance (mean)", c.sweep_chance),
         ylim=(0, 1.02),
     )
-    sections.append(
-        (
-            "Epsilon sweep, from the stored counts",
-            [_figure(path, "ISN Jaccard base vs tuned at every epsilon")],
-        )
+    caption = (
+        "ISN Jaccard of base and tuned at every epsilon, computed from the stored counts. Dashed: chance, the "
+        "Jaccard of random sets of the same per-site sizes (mean of the categories); it follows the set sizes, "
+        "not any agreement between the models: near 1 where the sets hold most of each site's neurons (low "
+        "epsilon), falling as they shrink, and rising again where the remaining ISNs crowd into a few sites "
+        "(random sets confined to a small part of the model overlap more)."
     )
+    if "epsilon_sweep" in c.notes:
+        caption += " Gaps: " + c.notes["epsilon_sweep"] + "."
+    sections.append(("Epsilon sweep, from the stored counts", [_figure(path, caption)]))
 
     sections.append((f"General and unique ISNs (eps={epsilon:g})", [tables["general_unique"].html()]))
 
@@ -203,8 +209,13 @@ def write_comparison(c: Comparison, out: Path) -> Path:
             )
         )
     if c.drift and len(c.drift) > 1:
-        sections.append(("Drift over training", [_drift_figures(c, figures_dir)]))
-    return write_page(out / PAGE, _title(c), sections, header=_header(c))
+        sections.append(("Drift over training", _drift_figures(c, figures_dir)))
+    mean = c.isn_jaccard["mean"].get(c.settings.overlap_epsilon) or next(iter(c.isn_jaccard["mean"].values()))
+    description = (
+        f"comparison: {_side_text(c, 'base')} vs {_side_text(c, 'tuned')}, {sum(c.settings.instructions.values())} "
+        f"instructions; mean ISN Jaccard {cell(mean.value)} (chance {cell(mean.chance)})"
+    )
+    return write_page(out / PAGE, _title(c), sections, header=_header(c), description=description)
 
 
 def _overlap_blocks(c: Comparison, figures_dir: Path, tables: dict[str, Table]) -> list[str]:
@@ -253,35 +264,54 @@ def _overlap_blocks(c: Comparison, figures_dir: Path, tables: dict[str, Table]) 
     return blocks
 
 
-def _drift_figures(c: Comparison, figures_dir: Path) -> str:
+def _drift_figures(c: Comparison, figures_dir: Path) -> list[str]:
+    """The drift of a run, page-wide: ISN Jaccard against step 0 per epsilon with its chance level and
+    sampling stability, the held-out loss below it; ISE Pearson (MoE models) on its own zoomed axis."""
     steps = [p.step for p in c.drift]
-    panels = {
-        f"eps={e:g}": {k: [p.isn_jaccard["base"][e][k] for p in c.drift] for k in c.categories}
-        for e in c.drift[0].isn_jaccard["base"]
-    }
-    path = figures.lines(
-        steps,
-        panels,
-        figures_dir / "drift_isn.png",
-        "training step",
-        "ISN Jaccard vs step 0",
-        "ISN drift over training",
-        integer_x=True,
-        ylim=(0, 1.02),
+    epsilons = list(c.drift[0].isn_jaccard["base"])
+    jaccard = {e: {k: [p.isn_jaccard["base"][e][k] for p in c.drift] for k in c.categories} for e in epsilons}
+    chance = {e: [_mean_of(p.isn_chance[e].values()) for p in c.drift] for e in epsilons}
+    stability = {e: _mean_of(values.values()) for e, values in c.drift[0].isn_stability.items()}
+    loss = {k: [p.held_out_loss.get(k) for p in c.drift] for k in c.categories}
+    measured = any(v is not None for values in loss.values() for v in values)
+    path = figures.drift(
+        steps, jaccard, chance, stability, loss if measured else {}, figures_dir / "drift_isn.png"
     )
-    blocks = [_figure(path, "ISN Jaccard of each category's set against the base model, per epsilon")]
+    caption = (
+        "Top: each category's ISN set against its step-0 set (1 = unchanged), on the full 0-1 axis; dashed: chance, "
+        "the Jaccard that random sets of the same per-site sizes would have (mean of the categories); dotted: "
+        "the split-half stability at step 0, the Jaccard between sets selected on two disjoint halves of the "
+        "probe instructions (mean of the categories): drift below it moved the ISNs more than swapping the "
+        "instructions does."
+    )
+    if measured:
+        caption += (
+            " Bottom: response loss on the held-out instructions, never trained on, in the same colours."
+        )
+    blocks = [_figure(path, caption)]
     if c.drift[0].ise_pearson:
         series = {k: [p.ise_pearson["base"][k] for p in c.drift] for k in c.categories}
-        path = figures.lines(
+        path, (low, high) = figures.zoomed_lines(
             steps,
-            {"ISE Pearson vs step 0": series},
+            series,
             figures_dir / "drift_ise.png",
             "training step",
-            "Pearson r",
-            integer_x=True,
+            "Pearson r vs step 0",
+            "Expert-frequency correlation with the base model",
         )
-        blocks.append(_figure(path, "Expert-frequency correlation with the base model over training"))
-    return '<div class="grid">' + "".join(blocks) + "</div>"
+        blocks.append(
+            _figure(
+                path,
+                f"Pearson r of each category's expert frequencies against step 0. The axis is zoomed to "
+                f"{low:.3f}-{high:.3f} (r can range from -1 to 1): differences this small look large here.",
+            )
+        )
+    return blocks
+
+
+def _mean_of(values) -> float:
+    defined = [v for v in values if v is not None and v == v]
+    return sum(defined) / len(defined) if defined else float("nan")
 
 
 def _side_text(c: Comparison, side: str) -> str:
@@ -344,6 +374,9 @@ thead th { background: #f4f4f4; }
 table.header th { background: #f4f4f4; text-align: left; } table.header td { text-align: left; white-space: normal; }
 .note { background: #f8f8f0; border-left: 4px solid #cc9; padding: 0.5em 1em; }
 .findings li { margin: 0.4em 0; line-height: 1.4; }
+nav.contents { background: #f7f7f7; padding: 0.5em 1em; columns: 3; font-size: 0.9em; }
+nav.contents ul { margin: 0.3em 0; padding-left: 1.2em; }
+td.wrap, th.wrap { white-space: normal; text-align: left; }
 """
 
 
@@ -355,27 +388,63 @@ def _figure(path: Path, caption: str) -> str:
     )
 
 
-def write_page(path: Path, title: str, sections: list[tuple[str, list[str]]], header: str = "") -> Path:
-    """One self-contained page: every figure embedded, no external file or network request."""
+def write_page(
+    path: Path,
+    title: str,
+    sections: list[tuple[str, list[str]]],
+    header: str = "",
+    description: str = "",
+    contents: bool = False,
+) -> Path:
+    """One self-contained page: every figure embedded, no external file or network request.
+    ``description``: one line on what the page holds (the index page lists it); ``contents``: a table
+    of contents linking every section (for long pages)."""
     parts = [
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+        f'<meta name="description" content="{html.escape(description)}">',
+        f'<meta name="created" content="{time.strftime("%Y-%m-%d %H:%M")}">',
         f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>{header}",
     ]
-    for heading, blocks in sections:
-        parts.append(f"<section><h2>{html.escape(heading)}</h2>{''.join(blocks)}</section>")
+    anchors = [f"section-{index}" for index in range(len(sections))]
+    if contents and sections:
+        links = "".join(
+            f'<li><a href="#{anchor}">{html.escape(heading)}</a> ({_count_of(blocks)})</li>'
+            for anchor, (heading, blocks) in zip(anchors, sections, strict=True)
+        )
+        parts.append(f'<nav class="contents"><b>Contents</b><ul>{links}</ul></nav>')
+    for anchor, (heading, blocks) in zip(anchors, sections, strict=True):
+        parts.append(f'<section id="{anchor}"><h2>{html.escape(heading)}</h2>{"".join(blocks)}</section>')
     parts.append("</body></html>")
     Path(path).write_text("".join(parts), encoding="utf-8")
     return Path(path)
 
 
+def _count_of(blocks: list[str]) -> str:
+    return f"{len(blocks)} item{'s' if len(blocks) != 1 else ''}"
+
+
+_META = re.compile(r'<meta name="(description|created)" content="([^"]*)">')
+
+
 def write_index(root: Path) -> Path:
-    """``index.html`` of an analysis folder: a link to every report below it, by mode."""
-    reports = sorted(p for p in root.rglob(PAGE))
-    items = "".join(
-        f'<li><a href="{html.escape(str(p.relative_to(root)))}">{html.escape(str(p.parent.relative_to(root)))}</a></li>'
-        for p in reports
+    """``index.html`` of an analysis folder: every report below it, with what it holds and when it
+    was written (from the page's own description), newest first within each mode."""
+    reports = sorted(root.rglob(PAGE), key=lambda p: p.stat().st_mtime, reverse=True)
+    rows = []
+    for report in reports:
+        meta = dict(_META.findall(report.read_text(encoding="utf-8", errors="replace")[:4000]))
+        where = str(report.parent.relative_to(root))
+        rows.append(
+            f'<tr><td><a href="{html.escape(str(report.relative_to(root)))}">{html.escape(where)}</a></td>'
+            f'<td class="wrap">{meta.get("description", "") or "–"}</td><td>{meta.get("created", "") or "–"}</td></tr>'
+        )
+    table = (
+        '<div class="table-wrap"><table><thead><tr><th>report</th><th class="wrap">what it holds</th><th>written</th></tr>'
+        f"</thead><tbody>{''.join(rows)}</tbody></table></div>"
+        if rows
+        else '<p class="note">No report here yet.</p>'
     )
-    return write_page(root / "index.html", f"sparcom analysis: {root}", [("Reports", [f"<ul>{items}</ul>"])])
+    return write_page(root / "index.html", f"sparcom analysis: {root}", [("Reports", [table])])
 
 
 # ---------------------------------------------------------------------------------- ablation
@@ -461,30 +530,92 @@ def write_ablation(
         )
         + f"; {len(result['control_draws'])} random-neuron draws per row with the same per-site counts.</p>"
     )
-    return write_page(out / PAGE, f"SPARCOM ablation: {model}", sections, header=setting)
+    description = (
+        f"ablation: each category's ISNs (eps={epsilon:g}) zeroed; " + dominance["verdict"].split(":")[0]
+    )
+    return write_page(
+        out / PAGE, f"SPARCOM ablation: {model}", sections, header=setting, description=description
+    )
 
 
 def write_steering(
-    rows: list[dict], figure_paths: dict, out: Path, *, model: str, epsilon: float, control_draws: int
+    rows: list[dict],
+    figure_paths: dict,
+    verdicts: dict[float, dict],
+    out: Path,
+    *,
+    model: str,
+    epsilon: float,
+    control_draws: int,
 ) -> Path:
-    """The dose-response page: per steered category, the loss change on every category against scale."""
+    """The dose-response page: per scale, the verdict and the z-score matrix (steered x evaluated);
+    per steered category, the loss change on every category against scale."""
+    steered = list(dict.fromkeys(r["steered"] for r in rows))
+    evaluated = list(dict.fromkeys(r["evaluated"] for r in rows))
+    panels = {}
+    for scale in verdicts:
+        z = np.full((len(steered), len(evaluated)), np.nan)
+        for r in rows:
+            if r["scale"] == scale:
+                z[steered.index(r["steered"]), evaluated.index(r["evaluated"])] = r["z"]
+        panels[f"scale {scale:g}"] = z
+    z_path = figures.heatmaps(
+        panels,
+        evaluated,
+        out / "figures" / "z.png",
+        "z-score against the random-neuron draws",
+        "Loss change in control SDs, per scale",
+        row_labels=[f"steer {k}" for k in steered],
+        diverging=True,
+        marks={name: np.diag(v["rows"]) for name, v in zip(panels, verdicts.values(), strict=True)},
+    )
+    verdict_items = "".join(
+        f"<li><b>scale {scale:g}</b>: {html.escape(v['verdict'])}</li>" for scale, v in verdicts.items()
+    )
     own = [r for r in rows if r["steered"] == r["evaluated"]]
     table = Table(
         "",
-        ["steered = evaluated", "scale", "loss change", "control mean", "control SD"],
-        [[r["steered"], r["scale"], r["loss_delta"], r["control_mean"], r["control_sd"]] for r in own],
+        ["steered = evaluated", "scale", "loss change", "control mean", "control SD", "z"],
+        [
+            [r["steered"], r["scale"], r["loss_delta"], r["control_mean"], r["control_sd"], r["z"]]
+            for r in own
+        ],
     )
     figures_html = "".join(
-        _figure(path, f"{name} ISNs scaled; bold: the loss on {name} itself; one y-scale for every category")
+        _figure(
+            path,
+            f"{name} ISNs scaled. Solid: the loss change on each evaluated category (bold: {name} itself); "
+            "dashed, same colour: random neurons of the same per-site sizes, mean of the draws; band: 1 SD.",
+        )
         for name, path in figure_paths.items()
     )
     setting = (
         f"<p>Model {html.escape(model)}; ISNs at eps={epsilon:g}; the response loss on held-out instructions "
-        f"of every category; dashed lines and bands: {control_draws} random-neuron sets of the same per-site "
-        "sizes (mean, 1 SD). All rows are in dose_response.csv.</p>"
+        f"of every category; null: {control_draws} random-neuron sets of the same per-site sizes per steered "
+        "category, scaled alike. All rows, with their z-scores, are in dose_response.csv.</p>"
     )
     sections = [
+        ("Verdict", [f'<ul class="findings">{verdict_items}</ul>']),
+        (
+            "z-scores",
+            [
+                _figure(
+                    z_path,
+                    "Rows: whose ISNs are scaled; columns: evaluated category. Outlined: rows that pass.",
+                )
+            ],
+        ),
         ("Dose response", [f'<div class="grid">{figures_html}</div>']),
         ("On the steered category", [table.html()]),
     ]
-    return write_page(out / PAGE, f"SPARCOM steering: {model}", sections, header=setting)
+    return write_page(
+        out / PAGE,
+        f"SPARCOM steering: {model}",
+        sections,
+        header=setting,
+        description=f"steering: {len(steered)} categories' ISNs scaled by {', '.join(f'{x:g}' for x in sorted({r['scale'] for r in rows}))}; "
+        + "; ".join(
+            f"scale {k:g}: {'dominates' if v['dominant'] else 'does not dominate'}"
+            for k, v in verdicts.items()
+        ),
+    )

@@ -203,11 +203,14 @@ class Snapshot:
 
     # ---------------------------------------------------------------------------------- disk
 
-    def save(self, path: str | Path) -> Path:
-        """Write atomically, one site at a time; refuses to overwrite an existing snapshot."""
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write atomically, one site at a time (the new file replaces an old one in one rename, so a
+        reader never sees half of either); an existing snapshot is replaced only with ``overwrite``."""
         path = Path(path)
-        if path.exists():
-            raise FileExistsError(f"snapshot already exists, not overwriting: {path}")
+        if path.exists() and not overwrite:
+            raise FileExistsError(
+                f"snapshot already exists, not overwriting: {path} (pass overwrite=True to replace it)"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         categories = len(self.categories)
         # No count can exceed its row's token count, so these dtypes are lossless.
@@ -254,13 +257,15 @@ class Snapshot:
         return path
 
     def _generated_lines(self) -> str:
-        """One JSON line per continuation: the instruction, its category, its length and its text."""
+        """One JSON line per continuation: the instruction, its category, its token ids, how many they
+        are and its text."""
         category = dict(zip(self.instruction_ids, self.instruction_categories, strict=True))
         lines = [
             {
                 "instruction_id": instruction,
                 **({"category": category[instruction]} if instruction in category else {}),
-                "tokens": len(ids),
+                "num_tokens": len(ids),
+                "token_ids": list(ids),
                 "text": self.generated_text.get(instruction, ""),
             }
             for instruction, ids in self.generated.items()

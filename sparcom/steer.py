@@ -27,7 +27,7 @@ from sparcom.select import NeuronSet, category_isn
 from sparcom.snapshot import Snapshot
 
 DEFAULT_SCALES = (0.0, 0.5, 1.5, 2.0, 3.0)
-COLUMNS = ("steered", "evaluated", "scale", "loss_delta", "control_mean", "control_sd")
+COLUMNS = ("steered", "evaluated", "scale", "loss_delta", "control_mean", "control_sd", "z")
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,12 @@ def dose_response(
 
 
 def dose_response_rows(changes: LossChanges) -> list[dict]:
-    """One row per (steered, evaluated, scale), in that order."""
+    """One row per (steered, evaluated, scale), in that order, with the change's z-score against its
+    random-neuron draws."""
+    from sparcom.ablation import z_scores
+
     mean, sd = changes.control.mean(1), changes.control.std(1)  # over draws: [S, R, C]
+    z = z_scores(changes.delta, changes.control)  # [S, R, C]
     return [
         {
             "steered": steered,
@@ -143,11 +147,30 @@ def dose_response_rows(changes: LossChanges) -> list[dict]:
             "loss_delta": float(changes.delta[s, r, c]),
             "control_mean": float(mean[s, r, c]),
             "control_sd": float(sd[s, r, c]),
+            "z": float(z[s, r, c]),
         }
         for r, steered in enumerate(changes.steered)
         for c, evaluated in enumerate(changes.evaluated)
         for s, scale in enumerate(changes.scales)
     ]
+
+
+def steering_dominance(rows: list[dict], draws: int, alpha: float = 0.05) -> dict[float, dict]:
+    """Scale -> whether the steered category's own loss moves beyond its control further than any
+    other category's does (``sparcom.ablation.dominance``, two-sided: amplifying may lower a loss as
+    well as raise it); scale 1 changes nothing and is left out."""
+    from sparcom.ablation import dominance
+
+    steered = list(dict.fromkeys(row["steered"] for row in rows))
+    evaluated = list(dict.fromkeys(row["evaluated"] for row in rows))
+    verdicts = {}
+    for scale in sorted({row["scale"] for row in rows} - {1.0}):
+        z = torch.full((len(steered), len(evaluated)), torch.nan, dtype=torch.float64)
+        for row in rows:
+            if row["scale"] == scale:
+                z[steered.index(row["steered"]), evaluated.index(row["evaluated"])] = row["z"]
+        verdicts[scale] = dominance(z, draws, alpha, two_sided=True)
+    return verdicts
 
 
 def write_dose_response(rows: list[dict], folder: str | Path) -> dict:
@@ -181,9 +204,15 @@ def shared_limits(rows: list[dict]) -> tuple[float, float]:
 def dose_response_figure(
     rows: list[dict], steered: str, path: str | Path, limits: tuple[float, float] | None = None
 ) -> Path:
+    """``dose_response_plot`` saved to ``path``."""
+    dose_response_plot(rows, steered, limits).savefig(path)
+    return Path(path)
+
+
+def dose_response_plot(rows: list[dict], steered: str, limits: tuple[float, float] | None = None) -> Figure:
     """Loss change against scale when ``steered``'s ISNs are scaled: one solid line per evaluated
-    category, its random-neuron control dashed in the same colour with a band of one control SD;
-    ``limits``: the y-range (shared by the figures meant to be compared)."""
+    category, its random-neuron control dashed in the same colour with a band of one control SD
+    (both in the legend); ``limits``: the y-range (shared by the figures meant to be compared)."""
     figure = Figure(figsize=(6.8, 4.4), dpi=120, layout="constrained")
     axes = figure.subplots()
     mine = [row for row in rows if row["steered"] == steered]
@@ -220,6 +249,14 @@ def dose_response_figure(
     axes.grid(alpha=0.3)
     if limits:
         axes.set_ylim(*limits)
-    axes.legend(title="evaluated on", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
-    figure.savefig(path)
-    return Path(path)
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    handles, labels = axes.get_legend_handles_labels()
+    handles += [
+        Line2D([], [], color="grey", linestyle="--", linewidth=0.9),
+        Patch(color="grey", alpha=0.25, linewidth=0),
+    ]
+    labels += ["random neurons, mean", "random neurons, 1 SD"]
+    axes.legend(handles, labels, title="evaluated on", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return figure

@@ -17,14 +17,9 @@ from sparcom.snapshot import Snapshot, SnapshotError, dataset_hash, snapshot_ser
 
 REPORT = "report.html"
 
-# Training settings worth a place in a report's header, by their trainer.args name.
-RUN_SETTINGS = (
-    "learning_rate",
-    "max_steps",
-    "num_train_epochs",
-    "per_device_train_batch_size",
-    "lr_scheduler_type",
-)
+# Training settings worth a place in a report's header, by their trainer.args name (the length of
+# the run is shown as what governed it: max_steps, or num_train_epochs when max_steps is -1).
+RUN_SETTINGS = ("learning_rate", "per_device_train_batch_size", "lr_scheduler_type")
 
 
 @dataclass(frozen=True)
@@ -57,12 +52,31 @@ def read_run(path: str | Path) -> RunFolder:
     final_model = {**model, "name_or_path": str(checkpoints[-1])} if checkpoints else model
     args = (config.get("trainer") or {}).get("args") or {}
     settings = {k: args[k] for k in RUN_SETTINGS if args.get(k) not in (None, -1)}
+    length = _run_length(args, checkpoints[-1] if checkpoints else None)
+    if length:
+        settings["length"] = length
     kind = (config.get("trainer") or {}).get("kind") or (
         "lora" if (config.get("trainer") or {}).get("peft") else None
     )
     if kind:
         settings["trainer"] = kind
     return RunFolder(path, series, model, final_model, settings)
+
+
+def _run_length(args: dict, checkpoint: Path | None) -> str | None:
+    """What governed the run's length, and how far it got: "60 steps (max_steps; 0.13 epochs)"."""
+    import json
+
+    state = {}
+    if checkpoint is not None and (checkpoint / "trainer_state.json").is_file():
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+    epochs = f"{state['epoch']:.2g} epochs" if state.get("epoch") is not None else None
+    if args.get("max_steps") not in (None, -1):
+        return f"{args['max_steps']} steps (max_steps" + (f"; {epochs})" if epochs else ")")
+    if args.get("num_train_epochs") is not None:
+        reached = f"; {state['global_step']} steps" if state.get("global_step") is not None else ""
+        return f"{args['num_train_epochs']:g} epochs (num_train_epochs{reached})"
+    return None
 
 
 def load_for_analysis(spec: dict, dtype: str | None = None, placement: dict | None = None):
@@ -237,7 +251,7 @@ def write_steering(
 ) -> Path:
     """Scale each category's ISNs by each factor and measure the response-loss change on held-out
     instructions of every category, against random neurons of the same per-site counts."""
-    from sparcom.steer import dose_response, write_dose_response
+    from sparcom.steer import dose_response, steering_dominance, write_dose_response
 
     model, tokenizer, evaluated = _edited(model_spec, snapshot, records, edits, dtype, placement)
     e = edits
@@ -257,6 +271,7 @@ def write_steering(
     return report.write_steering(
         rows,
         written["figures"],
+        steering_dominance(rows, e.control_draws),
         out,
         model=model_spec["name_or_path"],
         epsilon=e.epsilon,

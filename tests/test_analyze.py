@@ -3,10 +3,13 @@ comparability errors, and the HTML report rendered in headless Chromium."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 from dataclasses import replace
@@ -92,14 +95,98 @@ def test_run_report_has_the_tables_figures_and_what_was_compared(run):
         "run, step 0",
         "run, step 6",
         "learning_rate 0.0001",
-        "max_steps 6",
+        "length 6 steps (max_steps;",  # what governed the run, not TRL's default num_train_epochs
         "4 per category",
         "prompt tokens",
         "threshold, epsilons 0.3, 0.5, 0.7",
         "Findings",
     ):
         assert shown in page, shown
-    assert 'href="compare/report.html"' in (run / "analysis" / "index.html").read_text()
+    assert "num_train_epochs" not in page
+    index = (run / "analysis" / "index.html").read_text()
+    assert 'href="compare/report.html"' in index and "comparison: run, step 0 vs run, step 6" in index
+    assert re.search(r"<td>\d{4}-\d\d-\d\d \d\d:\d\d</td>", index)  # when it was written
+    json.loads((out / "summary.json").read_text(), parse_constant=pytest.fail)  # no NaN: strict JSON
+
+
+@pytest.mark.slow
+def test_drift_figures_are_page_wide_and_read_against_chance_stability_and_held_out_loss(run):
+    analyzed(f"run={run}")
+    page = (run / "analysis" / "compare" / "report.html").read_text()
+    drift = page[page.index("Drift over training") :]
+    assert '<div class="grid">' not in drift  # not squeezed into a half-width column
+    images = re.findall(r'src="data:image/png;base64,([^"]+)"', drift)
+    assert len(images) == 2  # ISN drift with the held-out loss, and ISE Pearson (an MoE)
+    for data in images:
+        width = struct.unpack(">I", base64.b64decode(data)[16:20])[0]  # the PNG header's width
+        assert width >= 1100, width
+    for said in (
+        "chance",
+        "split-half stability",
+        "held-out instructions, never trained on",
+        "axis is zoomed",
+    ):
+        assert said in drift, said
+    points = json.loads(page and (run / "analysis" / "compare" / "summary.json").read_text())["drift"]
+    assert all(set(p["held_out_loss"]) == set(sparcom.data.CATEGORIES) for p in points)
+
+
+def test_drift_plot_draws_chance_stability_and_the_held_out_loss():
+    from sparcom.figures import drift_plot
+
+    steps = [0, 5, 10]
+    jaccard = {0.5: {"math": [1.0, 0.8, 0.7], "code": [1.0, 0.9, 0.85]}}
+    figure = drift_plot(
+        steps,
+        jaccard,
+        {0.5: [0.3, 0.3, 0.31]},
+        {0.5: 0.75},
+        {"math": [2.0, 1.5, None], "code": [1.0, 0.9, 0.8]},
+    )
+    labels = [t.get_text() for legend in figure.legends for t in legend.get_texts()]
+    assert labels == ["math", "code", "chance (mean of categories)", "split-half stability, step 0 (mean)"]
+    top, bottom = figure.axes
+    assert top.get_ylim() == (0, 1.02)  # the full axis: a small change does not look like a fall
+    assert [list(line.get_ydata()) for line in bottom.get_lines()] == [[2.0, 1.5], [1.0, 0.9, 0.8]]
+
+
+def test_an_epsilon_where_both_sets_are_empty_has_no_jaccard(tmp_path):
+    """Every frequency below 0.8: at eps 0.9 no neuron is an ISN in either model; the sweep leaves a
+    gap there (nan, null in summary.json) and says why, rather than plotting 1.0."""
+    import numpy as np
+
+    from sparcom.comparison import compare
+    from sparcom.report import write_comparison
+
+    from synthetic import draw, moe_sites, random_population
+
+    rng = np.random.default_rng(0)
+    kinds, shapes, layers = moe_sites()
+    population = random_population(rng, list(sparcom.data.CATEGORIES), shapes, kinds, layers)
+    capped = population.with_frequencies({s: 0.75 * f for s, f in population.frequencies.items()})
+    base, tuned = draw([capped, capped], 10, rng)
+    result = compare(
+        base,
+        tuned,
+        labels=("a", "b"),
+        epsilons=[0.5],
+        selection_mode="threshold",
+        overlap_epsilon=0.5,
+        sweep_epsilons=[0.3, 0.9],
+        statistics=None,
+    )
+    assert all(values[0] == values[0] and values[1] != values[1] for values in result.sweep.values())
+    assert (
+        "neither model has an ISN" in result.notes["epsilon_sweep"]
+        and "math at eps 0.9" in result.notes["epsilon_sweep"]
+    )
+    page = write_comparison(result, tmp_path).read_text()
+    assert (
+        "Gaps: null where neither model has an ISN" in page
+        and "rising again where the remaining ISNs crowd" in page
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=pytest.fail)
+    assert summary["epsilon_sweep"]["math"][1] is None and summary["epsilon_sweep"]["math"][0] > 0
 
 
 def test_statistics_fields_are_null_with_the_reason_without_per_instruction_counts(small_records, tmp_path):
@@ -273,8 +360,10 @@ def test_steering_writes_the_dose_response_table_and_figures(run):
     assert page == out / "report.html"
     with open(out / "dose_response.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["steered", "evaluated", "scale", "loss_delta", "control_mean", "control_sd"]
+    assert list(rows[0]) == ["steered", "evaluated", "scale", "loss_delta", "control_mean", "control_sd", "z"]
     assert len(rows) == 6 * 6 * 3
+    text = page.read_text()  # a verdict per scale that changes something, and the z-scores behind it
+    assert text.count("<b>scale ") == 2 and "The diagonal" in text and "z-scores" in text
     unchanged = [r for r in rows if float(r["scale"]) == 1]
     assert all(float(r["loss_delta"]) == 0 and float(r["control_mean"]) == 0 for r in unchanged)
     assert len(list((out / "figures").glob("dose_response_*.png"))) == 6

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -272,6 +273,10 @@ def test_explain_a_run_writes_neurons_and_a_self_contained_report(run_folder):
     page = (out / "explain" / "report.html").read_text()
     assert "explain/report.html" in (out / "index.html").read_text()
     assert 'src="http' not in page and 'href="http' not in page  # self-contained
+    contents = page[page.index('<nav class="contents">') : page.index("</nav>")]  # a long page: its contents
+    for category in {line["category"] for line in lines}:
+        anchor = re.search(rf'href="#(section-\d+)">{category}</a>', contents).group(1)
+        assert f'<section id="{anchor}"><h2>{category}</h2>' in page
     for line in lines:
         assert f"{line['site']}:" in page
         for top in line["top"]:

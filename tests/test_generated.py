@@ -20,7 +20,6 @@ from sparcom.data import load_records
 from sparcom.models import load_model
 from sparcom.sites import ARCHITECTURES
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, generated_path, snapshot_series
-from sparcom.training import probe_set
 from sparcom.workflows import write_comparison
 
 from conftest import exact_model, per_category, plain_trainer, torchrun
@@ -129,7 +128,8 @@ def test_continuations_are_readable_beside_the_snapshot_and_compare_across_model
     assert [line["instruction_id"] for line in lines] == [r["id"] for r in records]
     for line in lines:
         assert line["text"] == tokenizer.decode(base.generated[line["instruction_id"]])
-        assert line["tokens"] == len(base.generated[line["instruction_id"]])
+        assert line["token_ids"] == list(base.generated[line["instruction_id"]])
+        assert line["num_tokens"] == len(line["token_ids"])
 
     check_comparable(base, tuned)  # same prompts, same scope: accepted
     page = write_comparison(
@@ -225,10 +225,11 @@ def test_zero3_ranks_generate_in_step_and_record_what_one_process_records(tmp_pa
     assert sorted(series) == [0, 3, 6]
     model, tokenizer = load_model(str(run_dir / "checkpoint-6"))
     torch.set_num_threads(1)  # as each torchrun rank ran
+    by_id = {r["id"]: r for r in load_records()}
     single = sparcom.record(
         model,
         tokenizer,
-        probe_set(load_records(), 4, 0),
+        [by_id[i] for i in Snapshot.load(series[6]).instruction_ids],  # the run's probe
         token_scope="generated",
         max_new_tokens=6,
         progress=False,

@@ -116,6 +116,10 @@ def test_ctrl_c_then_resume_continues_the_same_run(tmp_path):
     stopped = sorted(snapshot_series(run / "snapshots"))
     assert stopped[:3] == [0, 3, 6] and stopped[-1] < 12
     config, overrides = (run / "config.yaml").read_text(), (run / ".hydra" / "overrides.yaml").read_text()
+    assert not list(run.glob("*.log"))  # no empty train.log beside the run
+    card = (run / "README.md").read_text()  # the model card names the model the run started from as it is
+    assert "the sparcom preset `tiny-qwen2-moe`" in card and "huggingface.co/tiny-qwen2-moe" not in card
+    assert 'model="None"' not in card and f'"{run}/checkpoint-<step>"' in card
 
     second = launch([f"hydra.run.dir={run}", "resume=true"], tmp_path)
     out, err = second.communicate(timeout=400)
@@ -146,3 +150,21 @@ def test_ctrl_c_then_resume_continues_the_same_run(tmp_path):
     assert "preempting" in kinds
     exits = [r.exit.exit_code for r in wandb_log.records(files[0]) if r.WhichOneof("record_type") == "exit"]
     assert exits == [130]
+
+
+def test_a_sweep_over_settings_that_need_no_retraining_warns(capsys):
+    checked_launch("train", ["-m", "model=tiny-llama", "sparcom.epsilons=[0.3],[0.5]", "logger=disabled"])
+    assert "varies only sparcom.epsilons, which need no retraining" in capsys.readouterr().err
+    checked_launch(
+        "train", ["-m", "model=tiny-llama", "trainer.args.learning_rate=1e-4,1e-3", "logger=disabled"]
+    )
+    assert "no retraining" not in capsys.readouterr().err
+
+
+def test_each_process_of_a_multi_process_job_takes_its_share_of_the_cores():
+    code = "import torch, train; train.share_cores(); print(torch.get_num_threads())"
+    environment = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"} | {"LOCAL_WORLD_SIZE": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=environment, timeout=120
+    )
+    assert int(done.stdout.split()[-1]) == max(1, (os.cpu_count() or 1) // 2), done.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -37,12 +39,18 @@ def test_counts_view_is_by_category_then_site(snapshot):
     assert snapshot.tokens["math"] == int(snapshot.category_tokens[snapshot.categories.index("math")])
 
 
-def test_existing_snapshot_is_never_overwritten(snapshot, tmp_path):
+def test_existing_snapshot_is_overwritten_only_when_asked(snapshot, tmp_path):
     path = snapshot.save(tmp_path / "snap.safetensors")
     before = path.read_bytes()
-    with pytest.raises(FileExistsError, match="not overwriting"):
+    with pytest.raises(FileExistsError, match=r"not overwriting: .* \(pass overwrite=True to replace it\)"):
         snapshot.save(path)
     assert path.read_bytes() == before
+    other = Snapshot.load(path)  # lazy: its counts are read from the file being replaced
+    smaller = replace(other, meta={**other.meta, "step": 99})
+    smaller.save(path, overwrite=True)
+    assert Snapshot.load(path).meta["step"] == 99 and not list(tmp_path.glob(".*.tmp"))
+    for site in snapshot.site_kinds:
+        assert torch.equal(Snapshot.load(path).category_counts[site], snapshot.category_counts[site])
 
 
 def test_truncated_or_foreign_file_names_the_file(snapshot, tmp_path):

@@ -145,3 +145,35 @@ def test_held_out_prefers_unseen_records(tiny):
     assert held_out(per_category(10), snapshot, per_category=5, seed=0) == chosen  # seeded
     fallback = held_out(per_category(4), snapshot, per_category=2, seed=0)  # only one unseen per category
     assert len(fallback) == 12 and seen & {r["id"] for r in fallback}
+
+
+def test_the_dose_response_figure_names_its_controls_and_rows_carry_z_scores():
+    from sparcom.steer import dose_response_plot, steering_dominance
+
+    rows = [
+        {
+            "steered": a,
+            "evaluated": b,
+            "scale": scale,
+            "loss_delta": 0.5 if a == b else 0.0,
+            "control_mean": 0.0,
+            "control_sd": 0.1,
+            "z": 5.0 if a == b else 0.0,
+        }
+        for a in ("math", "code")
+        for b in ("math", "code")
+        for scale in (0.0, 1.0, 2.0)
+    ]
+    figure = dose_response_plot(rows, "math")
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert labels == ["math", "code", "random neurons, mean", "random neurons, 1 SD"]
+    verdicts = steering_dominance(rows, draws=10)
+    assert list(verdicts) == [0.0, 2.0]  # scale 1 changes nothing
+    assert all(v["dominant"] and v["rows"] == [True, True] for v in verdicts.values())
+    assert verdicts[2.0]["verdict"].startswith("The diagonal dominates: in 2 of 2 rows")
+
+
+def test_a_heatmap_cell_that_rounds_to_zero_prints_zero():
+    from sparcom.figures import cell_text
+
+    assert cell_text(-0.000001, 5) == "0" and cell_text(0.0, 3) == "0" and cell_text(-0.0012, 4) == "-0.0012"

@@ -20,7 +20,7 @@ from sparcom.data import CATEGORIES, load_records
 from sparcom.drift import DriftPoint, drift_point, read_drift
 from sparcom.models import load_model
 from sparcom.snapshot import Snapshot, snapshot_series
-from sparcom.training import Launch, probe_set
+from sparcom.training import Launch
 from train import train
 
 from conftest import torchrun
@@ -98,6 +98,13 @@ def test_sft_run_logs_drift_next_to_the_loss_and_the_whole_config(tmp_path):
         if step:
             assert f"sparcom/isn_jaccard/prev/eps=0.5/{category}" in row
     assert all(drift[0][f"sparcom/isn_jaccard/base/eps=0.5/{c}"] == 1.0 for c in CATEGORIES)
+    for row in drift.values():  # the overlap epsilon's numbers again, under keys every sweep shares
+        for category in (*CATEGORIES, "mean"):
+            assert (
+                row[f"sparcom/isn_jaccard/base/{category}"]
+                == row[f"sparcom/isn_jaccard/base/eps=0.5/{category}"]
+            )
+            assert row[f"eval/loss/{category}"] > 0  # the held-out loss beside the drift
     assert any(drift[6][f"sparcom/isn_jaccard/base/eps=0.5/{c}"] < 1.0 for c in CATEGORIES)  # it moved
     # The snapshots on disk reload to exactly what was logged.
     series = snapshot_series(run_dir / "snapshots")
@@ -127,9 +134,15 @@ def test_resumed_run_continues_the_drift_series(tmp_path):
     assert [point.step for point in drift_rows(run_dir)] == [0, 3, 6]
     assert base_file.read_bytes() == base_bytes  # the base came from disk, not from resumed weights
     series = snapshot_series(run_dir / "snapshots")
-    logged = drift_rows(run_dir)[-1].wandb_metrics()
+    last = drift_rows(run_dir)[-1]
+    logged = last.wandb_metrics()
     loaded = {step: Snapshot.load(path) for step, path in series.items()}
-    expected = drift_point(6, loaded[0], loaded[6], loaded[3], [0.3, 0.5], "threshold").wandb_metrics()
+    assert last.headline_epsilon == 0.5 and set(last.held_out_loss) == set(
+        CATEGORIES
+    )  # measured after resuming
+    expected = drift_point(
+        6, loaded[0], loaded[6], loaded[3], [0.3, 0.5], "threshold", None, last.held_out_loss, 0.5
+    ).wandb_metrics()
     assert set(logged) == set(expected)  # base and prev, every epsilon and category
     assert all(logged[k] == pytest.approx(v, abs=1e-12) for k, v in expected.items())
 
@@ -145,10 +158,11 @@ def test_zero3_two_ranks_record_what_one_process_records(tmp_path):
     series = snapshot_series(run_dir / "snapshots")
     assert sorted(series) == [0, 3, 6]
     model, tokenizer = load_model(str(run_dir / "checkpoint-6"))
-    probe = probe_set(load_records(), per_category=4, seed=0)
+    distributed = Snapshot.load(series[6])
+    by_id = {r["id"]: r for r in load_records()}
+    probe = [by_id[i] for i in distributed.instruction_ids]  # the run's probe, drawn from its held-out split
     torch.set_num_threads(1)  # as each torchrun rank ran
     single = sparcom.record(model, tokenizer, probe, progress=False)
-    distributed = Snapshot.load(series[6])
     assert distributed.tokens == single.tokens
     for site in single.category_counts:
         assert torch.equal(
