@@ -15,9 +15,9 @@ from sparcom import analysis
 from sparcom.drift import DriftPoint
 from sparcom.metrics import category_block_means
 from sparcom.permutation import diagonal_dominance, token_control
-from sparcom.resampling import paired_bootstrap, sampling_stability
+from sparcom.resampling import half_sample_alteration, paired_bootstrap, sampling_stability
 from sparcom.snapshot import Snapshot, check_comparable, instruction_order
-from sparcom.stats import PhaseTest, expected_jaccard, phase_margin
+from sparcom.stats import PhaseTest, expected_jaccard, phase_test
 
 SIDES = ("base", "tuned")
 
@@ -48,13 +48,17 @@ class Settings:
 @dataclass(frozen=True)
 class Estimate:
     """A number with how far it can be trusted: its 95% interval, and for an ISN Jaccard the
-    chance level (random sets of the same per-site sizes) and the split-half stability."""
+    chance level (random sets of the same per-site sizes), the split-half stability of each side
+    (sets of two disjoint halves of the instructions), and ``value_half``, the same Jaccard with both
+    sides' sets selected on one half (the stability's halves): the one to set against the stability,
+    at a matched sample size."""
 
     value: float
     ci95: tuple[float, float] | None = None
     chance: float | None = None
     stability_base: float | None = None
     stability_tuned: float | None = None
+    value_half: float | None = None
 
 
 @dataclass(frozen=True)
@@ -88,13 +92,17 @@ class TokenControl:
 
 @dataclass(frozen=True)
 class Profile:
-    """ISN count per layer; three-phase when the middle third's mean is below both others (and,
-    with resamples, the 95% interval of that margin lies above 0)."""
+    """ISN count per layer, fitted by three segments found from the data (``sparcom.stats.
+    three_segments``): early ``[0, a)``, middle ``[a, b)``, late ``[b, L)``. Three-phase when the
+    middle lies below both others and, with resamples, the 95% interval of that margin lies above 0."""
 
     counts: list[int]
     three_phase: bool
     margin: float  # min(early, late) - middle, in ISNs per layer
     ci95: tuple[float, float] | None = None
+    boundaries: tuple[int, int] | None = None  # (a, b): the first middle and the first late layer
+    boundaries_ci: tuple[tuple[float, float], tuple[float, float]] | None = None
+    means: tuple[float, float, float] | None = None  # early, middle, late ISNs per layer
 
 
 @dataclass
@@ -131,7 +139,7 @@ class Comparison:
         def estimate(e: Estimate, keys: Sequence[str]) -> dict:
             return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(e).items() if k in keys}
 
-        jaccard_keys = ("value", "ci95", "chance", "stability_base", "stability_tuned")
+        jaccard_keys = ("value", "ci95", "chance", "stability_base", "stability_tuned", "value_half")
         return _defined_or_null(
             {
                 "base": asdict(self.base),
@@ -264,6 +272,9 @@ def compare(
                 )
                 for side, snapshot in zip(SIDES, (base, tuned), strict=True)
             }
+            stability["half"] = half_sample_alteration(
+                base, tuned, epsilons, selection_mode, statistics.splits, statistics.seed
+            )
         else:
             notes["stability"] = "no split-half stability: a category has fewer than 2 instructions"
 
@@ -283,6 +294,7 @@ def compare(
                 chance=chances[c],
                 stability_base=_stability(stability, "base", c, epsilon),
                 stability_tuned=_stability(stability, "tuned", c, epsilon),
+                value_half=_stability(stability, "half", c, epsilon),
             )
     pearson = analysis.ise_alteration(base, tuned)
     ise_pearson = None
@@ -417,10 +429,21 @@ def _stability(stability: dict | None, side: str, category: str, epsilon: float)
 
 def _profile(counts: list[int], test: PhaseTest | None) -> Profile:
     """A layer profile with its three-phase test (without resamples: the margin alone decides)."""
-    if test is not None:
-        return Profile(counts, test.three_phase, test.margin, (test.ci95.lo, test.ci95.hi))
-    margin = float(phase_margin(torch.tensor([counts]))[0]) if len(counts) >= 3 else float("nan")
-    return Profile(counts, margin > 0, margin)
+    if len(counts) < 3:
+        return Profile(counts, False, float("nan"))
+    if test is None:
+        test = phase_test(torch.tensor([counts]))
+    intervals = None if test.boundaries_ci is None else tuple((i.lo, i.hi) for i in test.boundaries_ci)
+    ci95 = None if test.boundaries_ci is None else (test.ci95.lo, test.ci95.hi)
+    return Profile(
+        counts,
+        test.three_phase if ci95 else test.margin > 0,
+        test.margin,
+        ci95,
+        test.boundaries,
+        intervals,
+        test.means,
+    )
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -42,19 +42,31 @@ def _interval(e: Estimate) -> str:
 
 
 def _isn_alteration(c: Comparison) -> str:
-    epsilon = 0.5 if 0.5 in c.settings.epsilons else c.settings.epsilons[len(c.settings.epsilons) // 2]
+    epsilon = (
+        c.settings.overlap_epsilon
+        if c.settings.overlap_epsilon in c.settings.epsilons
+        else c.settings.epsilons[len(c.settings.epsilons) // 2]
+    )
     mean = c.isn_jaccard["mean"][epsilon]
     values = [c.isn_jaccard[k][epsilon].value for k in c.categories]
+    defined = [v for v in values if v == v]
     text = (
         f"ISN alteration: the mean Jaccard of base and tuned ISN sets at eps={epsilon:g} is {mean.value:.2f}"
-        f"{_interval(mean)}, ranging {min(values):.2f}-{max(values):.2f} over categories; random sets of the "
-        f"same per-site sizes would give {mean.chance:.2f}"
+        f"{_interval(mean)}, ranging {min(defined, default=float('nan')):.2f}-{max(defined, default=float('nan')):.2f} "
+        f"over categories; random sets of the same per-site sizes would give {mean.chance:.2f}"
     )
-    if mean.stability_base is not None:
-        moved = "more" if mean.value < mean.stability_base else "less"
+    if mean.stability_base is not None and mean.value_half is not None:
+        moved = [
+            k
+            for k in c.categories
+            if c.isn_jaccard[k][epsilon].value_half < c.isn_jaccard[k][epsilon].stability_base
+        ]
         text += (
-            f", and two halves of the instructions give {mean.stability_base:.2f} in the base model, so fine-tuning "
-            f"moved the ISNs {moved} than swapping half the instructions does"
+            f". At a matched sample size (both sides selected on the same half of the instructions) the "
+            f"Jaccard is {mean.value_half:.2f}, against {mean.stability_base:.2f} between the two halves in the base "
+            f"model: fine-tuning moved the ISNs {'more' if mean.value_half < mean.stability_base else 'less'} than "
+            f"swapping the instructions does ({len(moved)} of {len(c.categories)} categories moved more"
+            + (f": {', '.join(moved)})" if moved else ")")
         )
     return text + f" (paper: {PAPER_ISN_JACCARD})."
 
@@ -73,12 +85,22 @@ def _uniqueness(c: Comparison) -> str:
     base = c.overlap["base"]
     matrix = base.matrix
     size = len(matrix)
+    within = [matrix[i][i] for i in range(size)]
+    between = [matrix[i][j] for i in range(size) for j in range(size) if i != j]
     contrast = {
         k: matrix[i][i] - sum(matrix[i][j] for j in range(size) if j != i) / (size - 1)
         for i, k in enumerate(c.categories)
     }
     strongest = sorted(contrast, key=contrast.get, reverse=True)[:3]
-    text = f"Uniqueness: in the base model, within-category ISN overlap exceeds between-category overlap most for {', '.join(strongest)}"
+    general = c.general["base"]
+    isns = [c.isn_counts["base"][k][0] for k in c.categories]
+    text = (
+        f"Uniqueness: in the base model, within-category ISN overlap exceeds between-category overlap most for "
+        f"{', '.join(strongest)} (by {min(contrast[k] for k in strongest):+.3f} to {max(contrast.values()):+.3f} "
+        f"Jaccard on a background of {min(between):.2f}-{max(between):.2f} between categories and "
+        f"{min(within):.2f}-{max(within):.2f} within them); {general} ISNs are general (in every category's set), "
+        f"{_share(general, max(isns))}-{_share(general, min(isns))} of each category's ISNs"
+    )
     if base.diagonal_dominance is not None:
         significant = [k for k, t in base.per_category.items() if t.p_holm < ALPHA]
         text += (
@@ -96,6 +118,10 @@ def _uniqueness(c: Comparison) -> str:
     return text + f" (paper: strongest for {', '.join(PAPER_UNIQUE)})."
 
 
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.0f}%" if whole else "–"
+
+
 def _token_control(c: Comparison) -> str:
     control = c.token_control["base"]
     if control.category_effect is None:
@@ -111,13 +137,27 @@ def _three_phases(c: Comparison) -> str:
     for side in SIDES:
         profiles = c.layer_profile[side]
         found = [k for k, p in profiles.items() if p.three_phase]
-        sure = [k for k, p in profiles.items() if p.ci95 is not None and p.ci95[0] > 0]
         part = f"{len(found)} of {len(profiles)} categories in the {side} model"
-        if any(p.ci95 is not None for p in profiles.values()):
-            part += f" ({len(sure)} with an interval above 0)"
+        shown = next((profiles[k] for k in found), None) or next(iter(profiles.values()))
+        if shown.boundaries is not None and shown.means is not None:
+            a, b = shown.boundaries
+            last = len(shown.counts) - 1
+            early, middle, late = shown.means
+            name = next(k for k, p in profiles.items() if p is shown)
+            part += (
+                f" (e.g. {name}: {early:.0f} ISNs per layer in layers 0-{a - 1}, {middle:.0f} in {a}-{b - 1}, "
+                f"{late:.0f} in {b}-{last}"
+                + (
+                    f"; margin {shown.margin:+.0f}, 95% CI {shown.ci95[0]:+.0f} to {shown.ci95[1]:+.0f}"
+                    if shown.ci95
+                    else ""
+                )
+                + ")"
+            )
         parts.append(part)
     return (
-        "Three phases (fewer ISNs in the middle third of the layers than in the first and last): "
+        "Three phases (the layer profile fitted by three segments placed where the data puts them; three-phase "
+        "when the middle lies below both others beyond sampling noise): "
         + "; ".join(parts)
         + " (paper: three phases, many early, fewer in the middle, a sharp rise in the final layers)."
     )

@@ -71,14 +71,32 @@ def comparison_tables(c: Comparison) -> list[Table]:
     """The comparison's tables: one row per category and epsilon (tidy), for machines and people."""
     ci = ("ci95_low", "ci95_high")
     rows = [
-        [category, epsilon, e.value, *(e.ci95 or (None, None)), e.chance, e.stability_base, e.stability_tuned]
+        [
+            category,
+            epsilon,
+            e.value,
+            *(e.ci95 or (None, None)),
+            e.chance,
+            e.value_half,
+            e.stability_base,
+            e.stability_tuned,
+        ]
         for epsilon in c.settings.epsilons
         for category, e in ((k, c.isn_jaccard[k][epsilon]) for k in c.isn_jaccard)
     ]
     tables = [
         Table(
             "isn_jaccard",
-            ["category", "epsilon", "jaccard", *ci, "chance", "stability_base", "stability_tuned"],
+            [
+                "category",
+                "epsilon",
+                "jaccard",
+                *ci,
+                "chance",
+                "jaccard_half",
+                "stability_base",
+                "stability_tuned",
+            ],
             rows,
         )
     ]
@@ -94,12 +112,30 @@ def comparison_tables(c: Comparison) -> list[Table]:
         Table("general_unique", ["category", "isns_base", "unique_base", "isns_tuned", "unique_tuned"], rows)
     )
     rows = [
-        [side, category, *p.counts, p.margin, *(p.ci95 or (None, None)), p.three_phase]
+        [
+            side,
+            category,
+            *p.counts,
+            *(p.boundaries or (None, None)),
+            p.margin,
+            *(p.ci95 or (None, None)),
+            p.three_phase,
+        ]
         for side, profiles in c.layer_profile.items()
         for category, p in profiles.items()
     ]
     layers = [f"layer_{i}" for i in range(len(next(iter(c.layer_profile["base"].values())).counts))]
-    tables.append(Table("layer_profile", ["side", "category", *layers, "margin", *ci, "three_phase"], rows))
+    header = [
+        "side",
+        "category",
+        *layers,
+        "first_middle_layer",
+        "first_late_layer",
+        "margin",
+        *ci,
+        "three_phase",
+    ]
+    tables.append(Table("layer_profile", header, rows))
     if c.overlap is not None and c.overlap["base"].per_category is not None:
         rows = [
             [side, category, t.statistic, t.p_value, t.p_holm]
@@ -146,8 +182,10 @@ def write_comparison(c: Comparison, out: Path) -> Path:
         blocks.append(tables["ise_pearson"].html())
     blocks.append(
         '<p class="note">Chance: the Jaccard of random sets of the same sizes in each site. Stability: '
-        "the Jaccard between ISN sets of two disjoint halves of a category's instructions, one model; "
-        "an alteration below it moved the ISNs more than swapping half the instructions does.</p>"
+        "the Jaccard between ISN sets of two disjoint halves of a category's instructions, one model. "
+        "jaccard_half: base against tuned with both sets selected on the same half (the stability's halves): "
+        "set against the stability at a matched sample size, a jaccard_half below it moved the ISNs more "
+        "than swapping the instructions does.</p>"
     )
     sections.append(("Alteration: base vs tuned (the paper's Tables 1 and 2)", blocks))
 
@@ -183,12 +221,30 @@ def write_comparison(c: Comparison, out: Path) -> Path:
         layers, profiles, figures_dir / "layer_profile.png", "layer", "ISN count", title, integer_x=True
     )
     phase_rows = [
-        [side, k, p.margin, p.ci95, "yes" if p.three_phase else "no"]
+        [
+            side,
+            k,
+            *(_phase_layers(p) if p.boundaries else ("–", "–", "–")),
+            p.margin,
+            p.ci95,
+            "yes" if p.three_phase else "no",
+        ]
         for side in SIDES
         for k, p in c.layer_profile[side].items()
     ]
     phase = Table(
-        "", ["side", "category", "margin min(early, late) - middle", "95% CI", "three-phase"], phase_rows
+        "",
+        [
+            "side",
+            "category",
+            "early layers",
+            "middle layers",
+            "late layers",
+            "margin min(early, late) - middle",
+            "95% CI",
+            "three-phase",
+        ],
+        phase_rows,
     )
     sections.append(
         (
@@ -216,6 +272,25 @@ def write_comparison(c: Comparison, out: Path) -> Path:
         f"instructions; mean ISN Jaccard {cell(mean.value)} (chance {cell(mean.chance)})"
     )
     return write_page(out / PAGE, _title(c), sections, header=_header(c), description=description)
+
+
+def _phase_layers(p) -> tuple[str, str, str]:
+    """The three segments' layers, mean ISNs per layer, and the boundaries' intervals."""
+    a, b = p.boundaries
+    last = len(p.counts) - 1
+    early, middle, late = p.means
+    where = ""
+    if p.boundaries_ci:
+        (a_lo, a_hi), (b_lo, b_hi) = p.boundaries_ci
+        where = f" (starts {a_lo:.0f}-{a_hi:.0f})"
+    late_where = (
+        f" (starts {p.boundaries_ci[1][0]:.0f}-{p.boundaries_ci[1][1]:.0f})" if p.boundaries_ci else ""
+    )
+    return (
+        f"0-{a - 1}: {early:.1f}",
+        f"{a}-{b - 1}: {middle:.1f}{where}",
+        f"{b}-{last}: {late:.1f}{late_where}",
+    )
 
 
 def _overlap_blocks(c: Comparison, figures_dir: Path, tables: dict[str, Table]) -> list[str]:

@@ -39,9 +39,9 @@ from sparcom.stats import (
     Estimate,
     PhaseTest,
     estimate,
-    layer_thirds,
     pearson_from_moments,
     phase_test,
+    three_segments,
 )
 
 _EXACT_FLOAT32 = 2**24
@@ -383,12 +383,13 @@ def layer_phase_tests(
     resamples: int = 200,
     seed: int = 0,
 ) -> dict[str, dict[float, PhaseTest]]:
-    """Category -> epsilon -> three-phase test of the snapshot's layer profile (ISN count per layer),
-    with a bootstrap interval of the margin (instructions resampled as in ``paired_bootstrap``).
+    """Category -> epsilon -> three-phase test of the snapshot's layer profile (ISN count per layer):
+    three segments fitted to it, with bootstrap intervals of their boundaries and of the margin
+    (instructions resampled as in ``paired_bootstrap``, the segments refitted in each resample).
     Under ``percentile_layer`` every site holds ``ceil(epsilon * n)`` ISNs by construction, so the
     profile only mirrors the layers' widths and the test says nothing about the model."""
     epsilons = _check_arguments(epsilons, mode, resamples=resamples)
-    layer_thirds(_num_layers(snapshot))  # refuses fewer than 3 layers before the pass
+    three_segments(torch.zeros(1, _num_layers(snapshot)))  # refuses fewer than 3 layers before the pass
     weights = _bootstrap_weights(_category_sizes(snapshot), resamples, torch.Generator().manual_seed(seed))
     result = resample_pass([snapshot], weights, epsilons, mode, names=["given"])
     return _phase_tests(result, snapshot, 0, epsilons)
@@ -413,4 +414,32 @@ def sampling_stability(
     return {
         c: {epsilon: float(means[i, e]) for e, epsilon in enumerate(epsilons)}
         for i, c in enumerate(snapshot.categories)
+    }
+
+
+def half_sample_alteration(
+    base: Snapshot,
+    tuned: Snapshot,
+    epsilons: Sequence[float],
+    mode: str = "threshold",
+    splits: int = 20,
+    seed: int = 0,
+) -> dict[str, dict[float, float]]:
+    """Category -> epsilon -> mean Jaccard of base's and tuned's ISN sets, both selected on the same
+    half of the category's instructions, over both halves of ``splits`` random splits: the
+    alteration measured at the sample size of ``sampling_stability``'s halves (the very same halves
+    for the same seed), so that "fine-tuning moved the ISNs more than swapping the instructions
+    does" compares like with like."""
+    epsilons = _check_arguments(epsilons, mode, splits=splits)
+    weights = _split_weights(_category_sizes(base), splits, torch.Generator().manual_seed(seed))
+    every = torch.arange(2 * splits)
+    result = resample_pass(
+        [base, tuned], weights, epsilons, mode, ((0, every), (1, every)), names=["base", "tuned"]
+    )
+    sizes = result.sizes.sum(-1)  # [2, C, E, 2 * splits]
+    jaccard = jaccard_ratio(result.intersections.sum(-1), sizes[0], sizes[1])
+    means = jaccard.nanmean(-1)  # over the halves where it is defined
+    return {
+        c: {epsilon: float(means[i, e]) for e, epsilon in enumerate(epsilons)}
+        for i, c in enumerate(base.categories)
     }

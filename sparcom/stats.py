@@ -38,18 +38,26 @@ class Estimate:
 
 @dataclass(frozen=True)
 class PhaseTest:
-    """The three-phase test of one layer profile.
+    """The three-phase test of one layer profile: the profile is fitted by three constant segments,
+    their boundaries found from the data (``three_segments``), early ``[0, a)``, middle ``[a, b)``
+    and late ``[b, L)``.
 
     Attributes:
-        three_phase: the middle third's mean is below both others (``margin > 0``) and the 95%
-            interval of the margin lies above 0.
-        margin: ``min(early, late) - middle`` of the per-layer means on the full sample.
-        ci95: percentile bootstrap interval of the margin.
+        three_phase: the middle segment lies below both others (``margin > 0``) and the 95% interval
+            of the margin lies above 0: both the fall and the rise are beyond sampling noise.
+        margin: ``min(early, late) - middle`` of the segments' mean ISN counts per layer, full sample.
+        ci95: percentile bootstrap interval of the margin (the segments refitted in every resample).
+        boundaries: ``(a, b)``: the first middle layer and the first late layer, full sample.
+        boundaries_ci: 95% intervals of ``a`` and ``b`` over the resamples.
+        means: ``(early, middle, late)`` mean ISN count per layer of each segment, full sample.
     """
 
     three_phase: bool
     margin: float
     ci95: Interval
+    boundaries: tuple[int, int] | None = None
+    boundaries_ci: tuple[Interval, Interval] | None = None
+    means: tuple[float, float, float] | None = None
 
 
 # ------------------------------------------------------------------------------- chance level
@@ -149,25 +157,54 @@ def estimate(values: torch.Tensor) -> Estimate:
 # ------------------------------------------------------------------------------ layer phases
 
 
-def layer_thirds(num_layers: int) -> tuple[range, range, range]:
-    """Early, middle and late layers. Early and late get ``round(L / 3)`` layers each and the middle
-    the rest, so the split is symmetric when ``L`` is not divisible by 3 (4 -> 1, 2, 1; 5 -> 2, 1, 2;
-    28 -> 9, 10, 9; 32 -> 11, 10, 11)."""
-    if num_layers < 3:
-        raise ValueError(f"a three-phase profile needs at least 3 layers, got {num_layers}")
-    edge = round(num_layers / 3)
-    return range(edge), range(edge, num_layers - edge), range(num_layers - edge, num_layers)
+def three_segments(profiles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The least-squares fit of each ``[R, L]`` profile by three constant segments ``[0, a)``,
+    ``[a, b)``, ``[b, L)`` (``1 <= a < b <= L - 1``), over every pair of boundaries at once from
+    running sums. Returns ``a`` and ``b`` (``[R]`` int64) and the segment means (``[R, 3]``)."""
+    values = profiles.double()
+    rows, layers = values.shape
+    if layers < 3:
+        raise ValueError(f"a three-phase profile needs at least 3 layers, got {layers}")
+    zero = torch.zeros(rows, 1, dtype=torch.float64)
+    sums = torch.cat([zero, values.cumsum(1)], 1)  # [R, L + 1]: sums[:, j] = y_0 + ... + y_{j-1}
+    squares = torch.cat([zero, (values * values).cumsum(1)], 1)
+    firsts, seconds = torch.triu_indices(layers, layers, offset=1)
+    keep = (firsts >= 1) & (seconds <= layers - 1)
+    starts, ends = firsts[keep], seconds[keep]  # every (a, b)
+
+    def error(low, high):  # [R, P] squared error of the segment [low, high) about its mean
+        total = sums[:, high] - sums[:, low]
+        return squares[:, high] - squares[:, low] - total * total / (high - low)
+
+    zeros, fulls = torch.zeros_like(starts), torch.full_like(starts, layers)
+    best = (error(zeros, starts) + error(starts, ends) + error(ends, fulls)).argmin(1)  # [R]
+    a, b = starts[best], ends[best]
+    index = torch.arange(rows)
+
+    def mean(low, high):
+        return (sums[index, high] - sums[index, low]) / (high - low)
+
+    means = torch.stack([mean(torch.zeros_like(a), a), mean(a, b), mean(b, torch.full_like(b, layers))], 1)
+    return a, b, means
 
 
 def phase_margin(profiles: torch.Tensor) -> torch.Tensor:
-    """``[R, L]`` ISN counts per layer -> ``[R]`` ``min(mean early, mean late) - mean middle``."""
-    early, middle, late = (
-        profiles[:, list(part)].double().mean(1) for part in layer_thirds(profiles.shape[1])
-    )
-    return torch.minimum(early, late) - middle
+    """``[R, L]`` ISN counts per layer -> ``[R]`` ``min(early, late) - middle`` of the fitted segments."""
+    means = three_segments(profiles)[2]
+    return torch.minimum(means[:, 0], means[:, 2]) - means[:, 1]
 
 
 def phase_test(profiles: torch.Tensor) -> PhaseTest:
-    """``[1 + R, L]`` layer profiles, the full sample first and then its resamples -> ``PhaseTest``."""
-    margins = estimate(phase_margin(profiles))
-    return PhaseTest(margins.value > 0 and margins.ci95.lo > 0, margins.value, margins.ci95)
+    """``[1 + R, L]`` layer profiles, the full sample first and then its resamples -> ``PhaseTest``;
+    each resample's segments are fitted afresh, so the intervals carry the uncertainty of where the
+    phases lie as well as of how deep the middle is."""
+    a, b, means = three_segments(profiles)
+    margins = estimate(torch.minimum(means[:, 0], means[:, 2]) - means[:, 1])
+    return PhaseTest(
+        margins.value > 0 and margins.ci95.lo > 0,
+        margins.value,
+        margins.ci95,
+        (int(a[0]), int(b[0])),
+        (percentile_interval(a[1:].double()), percentile_interval(b[1:].double())) if len(a) > 1 else None,
+        tuple(float(m) for m in means[0]),
+    )

@@ -16,6 +16,7 @@ from sparcom.analysis import ise_alteration, isn_alteration
 from sparcom.metrics import jaccard
 from sparcom.resampling import (
     MissingInstructionCounts,
+    half_sample_alteration,
     layer_phase_tests,
     paired_bootstrap,
     resample_pass,
@@ -30,7 +31,7 @@ from sparcom.select import (
     top_fraction_rows,
 )
 from sparcom.snapshot import Snapshot, SnapshotError
-from sparcom.stats import expected_jaccard, layer_thirds, pearson_from_moments, phase_margin
+from sparcom.stats import expected_jaccard, pearson_from_moments, phase_margin, three_segments
 
 from synthetic import Population, draw, moe_sites, random_population
 
@@ -303,26 +304,62 @@ def test_stability_falls_as_instructions_differ_more():
         assert 0.9 < same[category][0.5] <= 1 and different[category][0.5] < same[category][0.5] - 0.05
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_half_sample_alteration_with_two_instructions_is_the_mean_of_each_instructions_jaccard(mode):
+    """Two instructions per category: every split's halves are the two instructions, so the
+    alteration at half size is the mean of base-vs-tuned Jaccards of each instruction's own sets."""
+    rng = np.random.default_rng(11)
+    kinds, shapes, layers = moe_sites(layers=2)
+    population = random_population(rng, CATEGORIES, shapes, kinds, layers)
+    moved = random_population(rng, CATEGORIES, shapes, kinds, layers)
+    base, tuned = draw([population, moved], 2, rng)
+    half = half_sample_alteration(base, tuned, [0.3], mode, splits=3)
+    for row, category in enumerate(CATEGORIES):
+        each = [
+            jaccard(instruction_isn(base, i, 0.3, mode), instruction_isn(tuned, i, 0.3, mode))
+            for i in (2 * row, 2 * row + 1)
+        ]
+        assert half[category][0.3] == pytest.approx(sum(each) / 2)
+
+
+def test_half_sample_alteration_sets_a_real_change_below_the_stability_and_none_above_it():
+    rng = np.random.default_rng(12)
+    kinds, shapes, layers = moe_sites(layers=2)
+    population = random_population(rng, CATEGORIES, shapes, kinds, layers)
+    moved = random_population(rng, CATEGORIES, shapes, kinds, layers)
+    base, same, tuned = draw([population, population, moved], 40, rng, tokens=(400, 500))
+    stability = sampling_stability(base, [0.5])
+    unchanged, changed = half_sample_alteration(base, same, [0.5]), half_sample_alteration(base, tuned, [0.5])
+    for category in CATEGORIES:
+        assert changed[category][0.5] < stability[category][0.5] < unchanged[category][0.5], category
+
+
 # ------------------------------------------------------------------------------ layer phases
 
 
-def test_layer_thirds_are_symmetric():
-    sizes = {n: tuple(len(part) for part in layer_thirds(n)) for n in (3, 4, 5, 24, 28, 32)}
-    assert sizes == {
-        3: (1, 1, 1),
-        4: (1, 2, 1),
-        5: (2, 1, 2),
-        24: (8, 8, 8),
-        28: (9, 10, 9),
-        32: (11, 10, 11),
-    }
-    assert phase_margin(torch.tensor([[5, 3, 1, 2, 4, 6]])).tolist() == [min(4, 5) - 1.5]
+def test_three_segments_are_the_least_squares_fit_found_by_brute_force():
+    rng = np.random.default_rng(5)
+    profiles = torch.from_numpy(rng.integers(0, 50, size=(40, 9)))
+    a, b, _ = three_segments(profiles)
+
+    def error(profile, cut):  # the squared error of the three segments cut at (a, b)
+        parts = [profile[: cut[0]], profile[cut[0] : cut[1]], profile[cut[1] :]]
+        return sum(sum((v - sum(p) / len(p)) ** 2 for v in p) for p in parts)
+
+    cuts = [(i, j) for i in range(1, 9) for j in range(i + 1, 9)]
+    for row, profile in enumerate(profiles.double().tolist()):
+        best = min(error(profile, cut) for cut in cuts)
+        assert error(profile, (int(a[row]), int(b[row]))) == pytest.approx(best)
+    # by hand: [5 | 3 1 2 | 4 6] has squared error 0 + 2 + 2, the least; the margin is min(5, 5) - 2
+    fit = three_segments(torch.tensor([[5, 3, 1, 2, 4, 6]]))
+    assert (int(fit[0][0]), int(fit[1][0])) == (1, 4) and fit[2][0].tolist() == [5.0, 2.0, 5.0]
+    assert phase_margin(torch.tensor([[5, 3, 1, 2, 4, 6]])).tolist() == [3.0]
     with pytest.raises(ValueError, match="at least 3 layers, got 2"):
-        layer_thirds(2)
+        three_segments(torch.zeros(1, 2))
 
 
 def _profile_population(fractions, rng) -> Population:
-    """Six dense layers of 200 neurons; a fraction ``fractions[l]`` of layer ``l`` fires at 0.7, the
+    """Dense layers of 200 neurons (one per fraction); a fraction ``fractions[l]`` of layer ``l`` fires at 0.7, the
     rest at 0.3, so the population ISN count per layer at epsilon 0.5 is ``200 * fractions[l]``."""
     kinds = {f"layer{i}": "ffn" for i in range(len(fractions))}
     frequencies = {
@@ -345,8 +382,34 @@ def test_planted_three_phase_profile_is_detected_and_monotone_ones_are_not():
             phase = test[0.5]
             if name == "three_phase":
                 assert phase.three_phase and phase.margin > 0 and phase.ci95.lo > 0, phase
+                assert phase.boundaries == (2, 4)  # the planted dip: layers 2-3
             else:
                 assert not phase.three_phase and phase.ci95.hi < 0, (name, phase)
+
+
+def test_the_phases_are_found_where_they_are_planted_and_flat_profiles_are_not_called_three_phase():
+    """A spike at layer 0, a dip over layers 1-5 and a steady rise (the shape SmolLM2 shows): found,
+    with the boundaries where they were planted and intervals around them. Flat profiles whose
+    neurons sit near the threshold (noisy counts, no phases): called three-phase at most at the
+    rate the 95% interval promises."""
+    rng = np.random.default_rng(3)
+    spike = [0.6, 0.3, 0.3, 0.3, 0.3, 0.3, 0.34, 0.38, 0.42, 0.46, 0.5, 0.54]
+    snapshot = draw([_profile_population(spike, rng)], 20, rng, spread=0.8)[0]
+    for test in layer_phase_tests(snapshot, [0.5], resamples=100).values():
+        phase = test[0.5]
+        assert phase.three_phase and phase.boundaries[0] == 1 and 6 <= phase.boundaries[1] <= 9, phase
+        assert phase.boundaries_ci[0].lo <= 1 <= phase.boundaries_ci[0].hi
+        assert phase.means[0] > phase.means[2] > phase.means[1]
+    called = tests = 0
+    for seed in range(30):
+        generator = np.random.default_rng(100 + seed)
+        kinds = {f"layer{i}": "ffn" for i in range(12)}
+        frequencies = {site: generator.uniform(0.4, 0.6, size=(len(CATEGORIES), 100)) for site in kinds}
+        population = Population(CATEGORIES, frequencies, kinds, {s: i for i, s in enumerate(kinds)})
+        flat = draw([population], 20, generator, spread=0.8)[0]
+        for test in layer_phase_tests(flat, [0.5], resamples=100, seed=seed).values():
+            called, tests = called + test[0.5].three_phase, tests + 1
+    assert tests == 30 * len(CATEGORIES) and called <= 0.05 * tests
 
 
 # ------------------------------------------------------------------- selection used by the pass
