@@ -151,6 +151,7 @@ def edits(cfg: AnalyzeConfig, settings):
         seed=settings.seed,
         batch_size=settings.batch_size,
         control_draws=cfg.stats.control_draws,
+        isn_set=cfg.sparcom.isn_set,
     )
 
 

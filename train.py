@@ -192,7 +192,13 @@ def isn_setup(cfg: TrainConfig, model, tokenizer, probe, run_dir: Path, rank: in
         )
         selection = snapshot
     setup = isn_only(
-        model, selection, run_dir if rank == 0 else None, isn.epsilon, isn.categories, isn.selection_mode
+        model,
+        selection,
+        run_dir if rank == 0 else None,
+        isn.epsilon,
+        isn.categories,
+        isn.selection_mode,
+        isn.isn_set,
     )
     if rank == 0:
         print(setup)

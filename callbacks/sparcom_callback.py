@@ -162,14 +162,13 @@ class SparcomCallback(TrainerCallback):
                 token_scope=self.token_scope,
                 batch_size=self.batch_size,
                 per_instruction=self.per_instruction,
-                progress=False,
+                progress=state.is_world_process_zero,  # a probe of real size takes minutes on a CPU
                 step=step,
                 max_new_tokens=self.max_new_tokens,
             )
         self.last_step = step
-        loss = self._measure_held_out(
-            model, snapshot.categories
-        )  # every rank: ZeRO-3 forwards are collective
+        # Every rank measures: under ZeRO-3 each forward is collective.
+        loss = self._measure_held_out(model, snapshot.categories)
         if state.is_world_process_zero:
             path = self.snapshot_dir / SNAPSHOT_NAME.format(step=step)
             if path.exists():  # a resumed run passing a step that a killed attempt finished

@@ -17,7 +17,7 @@ from torch import nn
 from sparcom.data import Record
 from sparcom.intervention import intervene
 from sparcom.response_loss import ResponseLoss
-from sparcom.select import NeuronSet, category_isn
+from sparcom.select import NeuronSet, category_isns
 from sparcom.snapshot import Snapshot
 from sparcom.steer import loss_changes
 
@@ -53,6 +53,7 @@ def ablation_matrices(
     control_draws: int = 10,
     alpha: float = 0.05,
     max_length: int | None = None,
+    isn_set: str = "frequent",
 ) -> dict:
     """Loss changes with each category's ISNs zeroed, and their null.
 
@@ -66,7 +67,7 @@ def ablation_matrices(
     """
     null_bound(control_draws, alpha)  # refuse a bad alpha or draw count before the long passes
     categories = snapshot.categories
-    sets = {c: category_isn(snapshot, c, epsilon, mode) for c in categories}
+    sets = category_isns(snapshot, epsilon, mode, isn_set)
     loss = ResponseLoss(tokenizer, records, categories, batch_size, max_length)
     changes = loss_changes(model, loss, sets, [0.0], control_draws, seed)
     delta, draws = changes.delta[0], changes.control[0]

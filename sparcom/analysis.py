@@ -24,7 +24,7 @@ from sparcom.metrics import (
     pearson,
     shared_counts,
 )
-from sparcom.select import NEURON_KINDS, GlobalTopFraction, expert_frequency, select_rows
+from sparcom.select import NEURON_KINDS, GlobalTopFraction, expert_frequency, select_rows, unique_rows
 from sparcom.snapshot import Snapshot
 
 # Columns of a site processed at once by the pairwise-overlap pass: bounds its working set to
@@ -93,6 +93,7 @@ class Tallies:
         unique: per snapshot, ``[C, S]`` ISNs in that category's set and no other's.
         general: per snapshot, ``[S]`` ISNs in every category's set.
         shared: ``[C, S]`` ISNs in both snapshots' sets of a category (None for one snapshot).
+        shared_unique: ``[C, S]`` the same for the unique ISNs (None for one snapshot).
         widths: ``[S]`` neurons per site; layers: ``[S]`` layer of each site.
     """
 
@@ -104,12 +105,14 @@ class Tallies:
     shared: torch.Tensor | None
     widths: torch.Tensor
     layers: torch.Tensor
+    shared_unique: torch.Tensor | None = None
 
-    def jaccard(self, category: str) -> float:
-        """``|A & B| / |A | B|`` over all sites; nan when both sets are empty (``jaccard_ratio``)."""
+    def jaccard(self, category: str, unique: bool = False) -> float:
+        """``|A & B| / |A | B|`` over all sites of a category's ISN sets (``unique``: of its unique
+        ISNs); nan when both sets are empty (``jaccard_ratio``)."""
         row = self.categories.index(category)
-        sizes = (int(self.sizes[k][row].sum()) for k in (0, 1))
-        return float(jaccard_ratio(int(self.shared[row].sum()), *sizes))
+        sizes, shared = (self.unique, self.shared_unique) if unique else (self.sizes, self.shared)
+        return float(jaccard_ratio(int(shared[row].sum()), *(int(sizes[k][row].sum()) for k in (0, 1))))
 
     def layer_profile(self, category: str, snapshot: int = 0) -> list[int]:
         """ISN count per layer (a layer's FFN, shared-expert and routed-expert neurons together)."""
@@ -136,16 +139,17 @@ def category_tallies(
     results = {}
     for epsilon in dict.fromkeys(epsilons):  # keep order, drop repeats
         sizes, unique, general = ([[] for _ in snapshots] for _ in range(3))
-        shared = []
+        shared, shared_unique = [], []
         for _, sets in site_sets([(s, "category") for s in snapshots], epsilon, mode):
             flat = [chosen.reshape(chosen.shape[0], -1) for chosen in sets]
+            only = [unique_rows(chosen) for chosen in flat]
             for index, chosen in enumerate(flat):
                 sizes[index].append(chosen.sum(1))
-                membership = chosen.sum(0)  # in how many categories' sets each neuron is
-                unique[index].append((chosen & (membership == 1)).sum(1))
-                general[index].append((membership == chosen.shape[0]).sum())
+                unique[index].append(only[index].sum(1))
+                general[index].append(chosen.all(0).sum())
             if len(flat) == 2:
                 shared.append((flat[0] & flat[1]).sum(1))
+                shared_unique.append((only[0] & only[1]).sum(1))
         results[epsilon] = Tallies(
             categories=list(first.categories),
             sites=sites,
@@ -155,6 +159,7 @@ def category_tallies(
             shared=torch.stack(shared, 1) if shared else None,
             widths=torch.tensor([_width(first, s) for s in sites]),
             layers=torch.tensor([first.site_layers[s] for s in sites]),
+            shared_unique=torch.stack(shared_unique, 1) if shared_unique else None,
         )
     return results
 

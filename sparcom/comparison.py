@@ -132,6 +132,7 @@ class Comparison:
     token_control: dict[str, TokenControl] | None = None
     drift: list[DriftPoint] | None = None
     notes: dict[str, str] = field(default_factory=dict)
+    unique_isn_jaccard: dict[str, Estimate] = field(default_factory=dict)
 
     def summary(self) -> dict:
         """The JSON document written as summary.json (schema in the README)."""
@@ -148,6 +149,9 @@ class Comparison:
                 "isn_jaccard": {
                     c: {f"eps={e:g}": estimate(v, jaccard_keys) for e, v in by_eps.items()}
                     for c, by_eps in self.isn_jaccard.items()
+                },
+                "unique_isn_jaccard": {
+                    c: estimate(v, ("value", "chance")) for c, v in self.unique_isn_jaccard.items()
                 },
                 "ise_pearson": None
                 if self.ise_pearson is None
@@ -313,6 +317,13 @@ def compare(
             + "; ".join(f"{c} at eps {', '.join(f'{e:g}' for e in eps)}" for c, eps in empty.items() if eps)
         )
     focus = tallies[overlap_epsilon]
+    unique_isn_jaccard = {
+        c: Estimate(
+            focus.jaccard(c, unique=True),
+            chance=expected_jaccard(*(focus.unique[k][categories.index(c)] for k in (0, 1)), focus.widths),
+        )
+        for c in categories
+    }
     layer_profile = {}
     for index, side in enumerate(SIDES):
         tests = boot.layer_phases.get(side, {}) if boot else {}
@@ -346,6 +357,7 @@ def compare(
         layer_profile=layer_profile,
         drift=drift,
         notes=notes,
+        unique_isn_jaccard=unique_isn_jaccard,
     )
     if base.per_instruction and tuned.per_instruction:
         _overlap(comparison, base, tuned, overlap_epsilon, selection_mode, statistics, token_similarity)

@@ -73,6 +73,13 @@ class ProbeSplit(StrEnum):
     all = "all"
 
 
+class IsnSet(StrEnum):
+    """Which of a category's ISNs a causal edit or ISN-only training takes (``sparcom.select.ISN_SETS``)."""
+
+    frequent = "frequent"
+    unique = "unique"
+
+
 class Dtype(StrEnum):
     """Weights' dtype when a model is loaded."""
 
@@ -128,6 +135,8 @@ class SparcomConfig:
         overlap_epsilon: the epsilon of overlap matrices, layer profiles, general/unique counts and figures.
         probe: the probe set.
         max_new_tokens: tokens generated per instruction, for scopes that count generated tokens.
+        isn_set: which ISNs ablation and steering edit: frequent (every neuron that fires often on the
+            category, the paper's ISNs) or unique (those that are ISNs of no other category).
     """
 
     epsilons: Any = field(default_factory=lambda: [0.3, 0.5, 0.7])
@@ -136,6 +145,7 @@ class SparcomConfig:
     overlap_epsilon: float = 0.5
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     max_new_tokens: int = 128
+    isn_set: IsnSet = IsnSet.frequent
 
 
 @dataclass
@@ -265,11 +275,14 @@ class IsnTrainingConfig:
         epsilon: the epsilon of the trained ISNs.
         categories: whose ISNs are trained (their union); null: all six.
         selection_mode: how epsilon selects them.
+        isn_set: frequent (every neuron that fires often on the category) or unique (those that are
+            ISNs of no other category: the categories' own neurons).
     """
 
     epsilon: float = 0.5
     categories: list[Category] | None = None
     selection_mode: SelectionMode = SelectionMode.threshold
+    isn_set: IsnSet = IsnSet.frequent
 
 
 @dataclass

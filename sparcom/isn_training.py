@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 from sparcom.config_check import check_isn_training
 from sparcom.data import CATEGORIES
 from sparcom.intervention import check_neurons, neuron_sites
-from sparcom.select import SELECTION_MODES, NeuronSet, category_isn
+from sparcom.select import SELECTION_MODES, NeuronSet, category_isns
 from sparcom.sites import neuron_weights, unwrap
 from sparcom.snapshot import Snapshot
 
@@ -94,14 +94,17 @@ def select_isns(
     epsilon: float,
     categories: Sequence[str] | None = None,
     selection_mode: str = "threshold",
+    isn_set: str = "frequent",
 ) -> NeuronSet:
-    """The union of the ISNs of ``categories`` (default: all of the snapshot's)."""
+    """The union of the ISNs (``isn_set``: frequent or unique) of ``categories`` (default: all of
+    the snapshot's)."""
     check_isn_settings(epsilon, categories, selection_mode)
     categories = list(categories or snapshot.categories)
     missing = [c for c in categories if c not in snapshot.categories]
     if missing:
         raise ValueError(f"categories {missing} are not in the snapshot (it has {snapshot.categories})")
-    sets = [category_isn(snapshot, c, epsilon, selection_mode) for c in categories]
+    every = category_isns(snapshot, epsilon, selection_mode, isn_set)
+    sets = [every[c] for c in categories]
     return {site: torch.stack([s[site] for s in sets]).any(0) for site in sets[0]}
 
 
@@ -183,6 +186,7 @@ def isn_only(
     epsilon: float = 0.5,
     categories: Sequence[str] | None = None,
     selection_mode: str = "threshold",
+    isn_set: str = "frequent",
 ) -> IsnTraining:
     """Set ``model`` up to fine-tune only its ISNs, before the trainer is built.
 
@@ -201,7 +205,7 @@ def isn_only(
         {"zero_optimization": {"stage": 3}} if is_deepspeed_zero3_enabled() else None,
     )
     if isinstance(selection, Snapshot):
-        mask = select_isns(selection, epsilon, categories, selection_mode)
+        mask = select_isns(selection, epsilon, categories, selection_mode, isn_set)
     elif isinstance(selection, dict):
         mask = selection
     else:
@@ -221,6 +225,7 @@ def isn_only(
                 "epsilon": epsilon,
                 "categories": list(categories or CATEGORIES),
                 "selection_mode": selection_mode,
+                "isn_set": isn_set,
             }
             save_mask(mask, path, settings)
     total = sum(p.numel() for p in unwrap(model).parameters())

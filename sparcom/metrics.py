@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from sparcom.select import NeuronSet, flatten
+from sparcom.select import NeuronSet, flatten, unique_rows
 
 
 def jaccard_ratio(intersection, size_a, size_b) -> torch.Tensor:
@@ -96,20 +96,15 @@ def category_block_means(
 
 
 def general_and_unique(category_sets: dict[str, NeuronSet]) -> tuple[NeuronSet, dict[str, NeuronSet]]:
-    """General ISNs are in every category's set; a category's unique ISNs are in its set only."""
+    """General ISNs are in every category's set; a category's unique ISNs are in its set only
+    (``sparcom.select.unique_rows``)."""
     categories = list(category_sets)
-    sites = list(category_sets[categories[0]])
-    general = {s: torch.stack([category_sets[c][s] for c in categories]).all(dim=0) for s in sites}
-    unique = {}
-    for category in categories:
-        others = [c for c in categories if c != category]
-        unique[category] = {
-            s: category_sets[category][s] & ~torch.stack([category_sets[c][s] for c in others]).any(dim=0)
-            if others
-            else category_sets[category][s]
-            for s in sites
-        }
-    return general, unique
+    stacked = {
+        s: torch.stack([category_sets[c][s] for c in categories]) for s in category_sets[categories[0]]
+    }
+    general = {s: rows.all(dim=0) for s, rows in stacked.items()}
+    only = {s: unique_rows(rows) for s, rows in stacked.items()}
+    return general, {c: {s: rows[i] for s, rows in only.items()} for i, c in enumerate(categories)}
 
 
 def layer_profile(sets: NeuronSet, site_layers: dict[str, int], num_layers: int | None = None) -> list[int]:

@@ -187,7 +187,8 @@ def run_batches(
         rows = batches[index] if index < len(batches) else []
         input_ids, attention, scope = pad_batch([encoded[i] for i in rows], token_scope, pad_id)
         recorder.set_batch(scope, category_of[rows] if rows else torch.zeros(1, dtype=torch.long))
-        model(
+        recorder.forward(
+            model,
             input_ids=input_ids.to(device, non_blocking=True),
             attention_mask=attention.to(device, non_blocking=True),
             use_cache=False,

@@ -12,6 +12,11 @@ each expert), on the device where that site runs:
   computation makes anyway. Counting therefore never projects a gate twice, and holds whichever
   experts implementation the model is configured with.
 
+Nothing the model computes after its last site is needed for counts (the last layer's up and down
+projections, the final norm, the vocabulary head): once every site has counted, the forward is cut
+short with ``ForwardDone``, unless something else hooks the model's modules (DeepSpeed ZeRO-3,
+accelerate's dispatch), whose bookkeeping expects every module to finish.
+
 ``finish_batch`` adds the rows into the category totals ``[C, *site_shape]`` on the same device and
 hands them to the caller, which moves them to host memory (``sparcom.host_rows``). Device memory for
 counts is one batch's rows plus the category totals, whatever the number of instructions
@@ -33,6 +38,11 @@ import torch
 from torch import nn
 
 from sparcom.sites import Site, find_sites, gate_weight
+
+
+class ForwardDone(Exception):
+    """Raised by the last site's hook once every site has counted: the rest of the forward is not
+    needed. ``Recorder.forward`` catches it."""
 
 
 @dataclass
@@ -66,12 +76,23 @@ class Recorder:
         self._mask = self._categories = None
         self._on_device: dict[torch.device, _Batch] = {}
         self._scratch_buffers: dict[tuple, torch.Tensor] = {}
+        # Hook calls per forward (one per dense site, one per fused experts module), and whether the
+        # forward may stop after the last of them (see the module's docstring).
+        self.calls_per_forward = len({id(m) for _, m in self.sites})
+        self._calls = 0
+        self.stops_early = stops_early_safely(model)
+
+    def forward(self, model: nn.Module, **inputs) -> None:
+        """Run ``model`` on one batch (after ``set_batch``), as far as counting needs."""
+        with contextlib.suppress(ForwardDone):
+            model(**inputs)
 
     def set_batch(self, mask: torch.Tensor, categories: torch.Tensor) -> None:
         """``mask``: ``[B, L]`` bool, the tokens to count; ``categories``: ``[B]`` long, each row's category."""
         self._mask, self._categories = mask, categories
         self._on_device = {}
         self.rows = {}
+        self._calls = 0
 
     def finish_batch(self) -> dict[str, torch.Tensor]:
         """Add this batch's rows into the category totals; returns them (``[B, *shape]`` per site,
@@ -159,8 +180,15 @@ class Recorder:
             fired = torch.gt(gate, 0, out=self._scratch("fired", gate.shape, torch.float32, gate.device))
             fired = fired.view(batch.mask.shape[0], batch.mask.shape[2], -1)
             self._keep(name, torch.bmm(batch.mask, fired).squeeze(1))
+            self._counted()
 
         return hook
+
+    def _counted(self) -> None:
+        """One more site has counted this forward; after the last one, stop it (when safe)."""
+        self._calls += 1
+        if self.stops_early and self._calls == self.calls_per_forward:
+            raise ForwardDone
 
     def _experts_forward(self, module: nn.Module, names: dict[str, str]):
         """The fused experts' forward while recording: transformers' ``grouped_mm`` computation, op
@@ -182,6 +210,7 @@ class Recorder:
             projected = grouped_mm(hidden_states.index_select(0, token), gate_up, ends)  # [S, 2d]
             gate = projected[:, :width] if getattr(module, "is_concatenated", True) else projected[:, 0::2]
             self._count_pairs(names, gate, token, expert_ids, num_experts)
+            self._counted()
             out = grouped_mm(module._apply_gate(projected), down, ends)  # [S, H]
             if getattr(module, "has_post_expert_norm", False):
                 out = module.post_expert_norm(out)
@@ -280,6 +309,15 @@ class NeuronTap:
             return original(hidden_states, top_k_index, top_k_weights)
 
         return forward
+
+
+def stops_early_safely(model: nn.Module) -> bool:
+    """Whether a forward of ``model`` may end by an exception once counting is done: not when
+    DeepSpeed ZeRO-3 partitions its parameters or accelerate's hooks dispatch its modules (both
+    gather or offload weights around each module's forward and expect every module to finish)."""
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        return False
+    return not any(hasattr(m, "_hf_hook") for m in model.modules())
 
 
 def _replace_forward(module: nn.Module, forward) -> Callable[[], None]:

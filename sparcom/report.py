@@ -103,6 +103,9 @@ def comparison_tables(c: Comparison) -> list[Table]:
     if c.ise_pearson is not None:
         rows = [[category, e.value, *(e.ci95 or (None, None))] for category, e in c.ise_pearson.items()]
         tables.append(Table("ise_pearson", ["category", "pearson_r", *ci], rows))
+    if c.unique_isn_jaccard:
+        rows = [[k, e.value, e.chance] for k, e in c.unique_isn_jaccard.items()]
+        tables.append(Table("unique_isn_jaccard", ["category", "jaccard", "chance"], rows))
     rows = [
         [category, *[c.isn_counts[side][category][i] for side in SIDES for i in (0, 1)]]
         for category in c.categories
@@ -209,7 +212,14 @@ def write_comparison(c: Comparison, out: Path) -> Path:
         caption += " Gaps: " + c.notes["epsilon_sweep"] + "."
     sections.append(("Epsilon sweep, from the stored counts", [_figure(path, caption)]))
 
-    sections.append((f"General and unique ISNs (eps={epsilon:g})", [tables["general_unique"].html()]))
+    blocks = [tables["general_unique"].html()]
+    if "unique_isn_jaccard" in tables:
+        blocks += [
+            '<p class="note">The unique ISNs of each category, base against tuned (point estimates; the '
+            "chance level is that of random sets of the unique sets' per-site sizes):</p>",
+            tables["unique_isn_jaccard"].html(),
+        ]
+    sections.append((f"General and unique ISNs (eps={epsilon:g})", blocks))
 
     profiles = {
         f"{side} ({_side_text(c, side)})": {k: p.counts for k, p in c.layer_profile[side].items()}
@@ -525,13 +535,29 @@ def write_index(root: Path) -> Path:
 # ---------------------------------------------------------------------------------- ablation
 
 
+ISN_SET_TEXT = {
+    "frequent": "ISNs (every neuron that fires often on the category)",
+    "unique": "unique ISNs (ISNs of no other category)",
+}
+
+
 def write_ablation(
-    result: dict, categories: list[str], out: Path, *, model: str, epsilon: float, held_out: bool
+    result: dict,
+    categories: list[str],
+    out: Path,
+    *,
+    model: str,
+    epsilon: float,
+    held_out: bool,
+    isn_set: str = "frequent",
+    total_neurons: int | None = None,
 ) -> Path:
-    """The causal check: loss changes with each category's ISNs zeroed, against random-neuron draws."""
+    """The causal check: loss changes with each category's ISNs zeroed, against random-neuron draws.
+    Each row says how many neurons it silences, and what share of the model's that is."""
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
-    rows = [f"zero {k} ({n})" for k, n in zip(categories, result["neurons"], strict=True)]
+    share = (lambda n: f", {100 * n / total_neurons:.1f}%") if total_neurons else (lambda n: "")
+    rows = [f"zero {k} ({n}{share(n)})" for k, n in zip(categories, result["neurons"], strict=True)]
     matrices = {
         "isn_delta": result["delta"],
         "control_mean": result["control"],
@@ -554,6 +580,8 @@ def write_ablation(
     summary = {
         "model": model,
         "epsilon": epsilon,
+        "isn_set": isn_set,
+        "total_neurons": total_neurons,
         "held_out": held_out,
         "categories": categories,
         "neurons": result["neurons"],
@@ -597,7 +625,9 @@ def write_ablation(
         ("Intact response loss", [intact.html()]),
     ]
     setting = (
-        f"<p>Model {html.escape(model)}; ISNs at eps={epsilon:g}; loss on "
+        f"<p>Model {html.escape(model)}; {ISN_SET_TEXT[isn_set]} at eps={epsilon:g}"
+        + (f", out of {total_neurons:,} FFN and expert neurons" if total_neurons else "")
+        + "; loss on "
         + (
             "held-out instructions (not used to select the ISNs)"
             if held_out
@@ -622,6 +652,7 @@ def write_steering(
     model: str,
     epsilon: float,
     control_draws: int,
+    isn_set: str = "frequent",
 ) -> Path:
     """The dose-response page: per scale, the verdict and the z-score matrix (steered x evaluated);
     per steered category, the loss change on every category against scale."""
@@ -665,7 +696,7 @@ def write_steering(
         for name, path in figure_paths.items()
     )
     setting = (
-        f"<p>Model {html.escape(model)}; ISNs at eps={epsilon:g}; the response loss on held-out instructions "
+        f"<p>Model {html.escape(model)}; {ISN_SET_TEXT[isn_set]} at eps={epsilon:g}; the response loss on held-out instructions "
         f"of every category; null: {control_draws} random-neuron sets of the same per-site sizes per steered "
         "category, scaled alike. All rows, with their z-scores, are in dose_response.csv.</p>"
     )

@@ -23,7 +23,7 @@ from torch import nn
 from sparcom.data import Record
 from sparcom.intervention import check_editable, check_neurons, intervene, neuron_sites, random_sets
 from sparcom.response_loss import ResponseLoss
-from sparcom.select import NeuronSet, category_isn
+from sparcom.select import NeuronSet, category_isns
 from sparcom.snapshot import Snapshot
 
 DEFAULT_SCALES = (0.0, 0.5, 1.5, 2.0, 3.0)
@@ -122,12 +122,13 @@ def dose_response(
     seed: int = 0,
     batch_size: int = 8,
     max_length: int | None = None,
+    isn_set: str = "frequent",
 ) -> list[dict]:
     """For each category's ISNs (selected from ``snapshot``) and each scale, the loss change on every
     category's ``records`` (held-out instructions: see ``held_out``), with the random-neuron control's
     mean and standard deviation over ``control_draws`` draws. Rows have the keys of ``COLUMNS``."""
     scales = check_scales(scales)
-    sets = {c: category_isn(snapshot, c, epsilon, selection_mode) for c in snapshot.categories}
+    sets = category_isns(snapshot, epsilon, selection_mode, isn_set)
     loss = ResponseLoss(tokenizer, records, snapshot.categories, batch_size, max_length)
     return dose_response_rows(loss_changes(model, loss, sets, scales, control_draws, seed))
 

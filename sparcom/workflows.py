@@ -192,6 +192,7 @@ class Edits:
     seed: int
     batch_size: int
     control_draws: int  # random-neuron sets of the same per-site counts, the null
+    isn_set: str = "frequent"  # frequent (the paper's ISNs) or unique (in no other category's set)
 
 
 def _edited(model_spec: dict, snapshot: Snapshot, records: list[Record], edits: Edits, dtype, placement):
@@ -228,6 +229,7 @@ def write_ablation(
         e.seed,
         e.batch_size,
         e.control_draws,
+        isn_set=e.isn_set,
     )
     return report.write_ablation(
         result,
@@ -236,7 +238,18 @@ def write_ablation(
         model=model_spec["name_or_path"],
         epsilon=e.epsilon,
         held_out=all(r["id"] not in set(snapshot.instruction_ids) for r in evaluated),
+        isn_set=e.isn_set,
+        total_neurons=_neuron_count(snapshot),
     )
+
+
+def _neuron_count(snapshot: Snapshot) -> int:
+    """FFN and routed-expert neurons of the model the snapshot counted."""
+    import math
+
+    from sparcom.analysis import neuron_sites
+
+    return sum(math.prod(snapshot.site_shape(site)) for site in neuron_sites(snapshot))
 
 
 def write_steering(
@@ -266,6 +279,7 @@ def write_steering(
         e.control_draws,
         e.seed,
         e.batch_size,
+        isn_set=e.isn_set,
     )
     written = write_dose_response(rows, out)
     return report.write_steering(
@@ -276,6 +290,7 @@ def write_steering(
         model=model_spec["name_or_path"],
         epsilon=e.epsilon,
         control_draws=e.control_draws,
+        isn_set=e.isn_set,
     )
 
 

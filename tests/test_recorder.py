@@ -176,6 +176,7 @@ def test_recording_runs_the_models_own_computation(preset, small_records):
             model.set_experts_implementation(implementation)
             outputs[implementation] = model(input_ids=input_ids, attention_mask=attention).logits
             recorder = Recorder(model, num_categories=6)
+            recorder.stops_early = False  # the whole forward, to compare its outputs
             with recorder:
                 recorder.set_batch(scope, torch.arange(6))
                 outputs[f"recording, {implementation} configured"] = model(
@@ -195,3 +196,30 @@ def test_counts_take_the_narrowest_exact_dtype():
     assert count_dtype(5, smallest=torch.int32) == torch.int32
     assert exact_float(2**24 - 1) == torch.float32 and exact_float(2**24) == torch.float64
     assert torch.tensor(2**24 - 1, dtype=torch.float32) + 1 == 2**24  # still exact at the bound
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen2-moe", "tiny-deepseek-v2"])
+def test_stopping_the_forward_after_the_last_site_counts_the_same(preset, small_records):
+    """Recording cuts each forward short once every site has counted (the last layer's up and down
+    projections, the final norm and the head are not needed): the counts equal those of the whole
+    forward, and the model's modules are left as they were."""
+    model, tokenizer = exact_model(preset)
+    cut = sparcom.record(model, tokenizer, small_records, batch_size=4, progress=False)
+    original = Recorder.__init__
+
+    def whole(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.stops_early = False
+
+    Recorder.__init__ = whole
+    try:
+        full = sparcom.record(model, tokenizer, small_records, batch_size=4, progress=False)
+    finally:
+        Recorder.__init__ = original
+    assert Recorder(model, 6).stops_early  # the cut was taken
+    for site in full.category_counts:
+        assert torch.equal(cut.category_counts[site], full.category_counts[site]), site
+        assert torch.equal(cut.instruction_counts[site], full.instruction_counts[site]), site
+    assert not any("forward" in vars(m) for m in model.modules())
+    with torch.no_grad():  # and the model still runs whole afterwards
+        assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.shape[-1] == model.config.vocab_size

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -36,32 +36,23 @@ def _reachable(root) -> dict[int, int]:
     return found
 
 
-def recorders_in(model: nn.Module) -> Iterator[Recorder]:
-    """The recorders whose hooks (or experts forwards) are attached to ``model``'s modules."""
-    for module in model.modules():
-        replaced = [vars(module)[name] for name in ("forward", "_old_forward") if name in vars(module)]
-        for function in [*module._forward_pre_hooks.values(), *replaced]:
-            for cell in getattr(function, "__closure__", None) or ():
-                if isinstance(cell.cell_contents, Recorder):
-                    yield cell.cell_contents
-
-
 def count_bytes_at_fullest(model: nn.Module, run: Callable):
     """Run ``run()`` (a recording of ``model``); returns the most bytes of count buffers its
     recorder held at the end of a forward (when a batch's rows and the category totals are both
-    alive), and what ``run`` returned. Count buffers: every tensor the recorder holds except the
-    per-token inputs and workspace (the batch's mask, the scratch buffers), which are
-    activation-sized, not counts."""
+    alive: as ``finish_batch`` begins), and what ``run`` returned. Count buffers: every tensor the
+    recorder holds except the per-token inputs and workspace (the batch's mask, the scratch
+    buffers), which are activation-sized, not counts."""
     fullest = [0]
+    original = Recorder.finish_batch
 
-    def measure(module, args, output):
-        (recorder,) = {id(r): r for r in recorders_in(model)}.values()
+    def measured(recorder: Recorder):
         workspace = [recorder._on_device, recorder._scratch_buffers, recorder._mask]
         fullest[0] = max(fullest[0], sum(held_bytes(recorder, skip=workspace).values()))
+        return original(recorder)
 
-    handle = model.register_forward_hook(measure)
+    Recorder.finish_batch = measured
     try:
         result = run()
     finally:
-        handle.remove()
+        Recorder.finish_batch = original
     return fullest[0], result
