@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from sparcom import cli
 from sparcom.config import TrainConfig, to_object
 from sparcom.config_check import check, check_data, check_models_loadable
+from sparcom.drift import RunResult, run_result
 from sparcom.run_folder import Interrupted, check_resume, check_run_dir, latest_checkpoint, record_resume
 from sparcom.training import (
     Launch,
@@ -28,12 +29,15 @@ from sparcom.training import (
     run_records,
     sft_dataset,
     start_wandb,
+    summarise_wandb,
 )
 
 
-def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path:
+def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> RunResult | None:
     """Fine-tune ``cfg.model`` with TRL SFT, recording snapshots into ``run_dir/snapshots`` and
-    logging drift beside the loss in W&B; returns ``run_dir``. Every rank of a job calls it.
+    logging drift beside the loss in W&B. Every rank of a job calls it; the main rank returns the
+    run's ``RunResult`` (its folder, last drift and held-out loss; ``.objective(name)`` for a
+    sweeper), the others None.
 
     With ``cfg.resume`` the run in ``run_dir`` continues: ``cfg`` must be the run's own config
     (``config.yaml``), but for a larger ``max_steps`` or ``num_train_epochs``, which is recorded in
@@ -81,8 +85,11 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> Path
             bar.close()  # now, not at exit: the message below stays the last line
         step = trainer.state.global_step if trainer else 0
         raise Interrupted(run_dir, step, cfg.trainer.args.max_steps) from None
+    result = run_result(run_dir) if rank == 0 else None
+    if result is not None and wandb_running:
+        summarise_wandb(result)
     finish_wandb()  # the next job of a sweep runs in this process and must start its own W&B run
-    return run_dir
+    return result
 
 
 def sft_trainer(cfg: TrainConfig, run_dir: Path, records, held_out, probe, wandb_running: bool, rank: int):
@@ -216,10 +223,18 @@ def isn_setup(cfg: TrainConfig, model, tokenizer, probe, run_dir: Path, rank: in
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 @cli.exits_on_bad_input
-def main(cfg: DictConfig) -> None:
-    run_dir = train(to_object(cfg), cli.run_dir(), cli.launch())
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run folder: {run_dir}  (config.yaml, checkpoint-*/, snapshots/, wandb/)")
+def main(cfg: DictConfig) -> float | None:
+    """The run; returns the number ``objective`` names (default the mean held-out loss), which
+    Hydra's sweepers (Optuna, Nevergrad, Ax) optimise."""
+    typed = to_object(cfg)
+    result = train(typed, cli.run_dir(), cli.launch())
+    if result is None:
+        return None
+    value = result.objective(typed.objective)
+    print(
+        f"run folder: {result.run_dir}  (config.yaml, checkpoint-*/, snapshots/, wandb/); {typed.objective} = {value:.4f}"
+    )
+    return value
 
 
 if __name__ == "__main__":

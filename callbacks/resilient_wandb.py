@@ -44,7 +44,11 @@ class ResilientWandbCallback(WandbCallback):
         if not state.is_world_process_zero:
             return None
         try:
+            from sparcom.drift import SUMMARIES
+
             self._wandb.define_metric("train/global_step")
+            for pattern, summary in SUMMARIES.items():  # the best loss, the drift where it ended
+                self._wandb.define_metric(pattern, step_metric="train/global_step", summary=summary)
             self._wandb.define_metric("*", step_metric="train/global_step", step_sync=True)
             self._wandb.config.update({"model/num_parameters": model.num_parameters()}, allow_val_change=True)
         except Exception as err:  # noqa: BLE001 - W&B must never stop training

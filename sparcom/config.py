@@ -367,6 +367,9 @@ class TrainConfig:
         logger: W&B.
         seed: the seed of model construction, data order and training.
         resume: true (the newest complete checkpoint of hydra.run.dir), a checkpoint folder, or null.
+        objective: the number train.py returns to a Hydra sweeper, by its W&B key at the last
+            snapshot: eval/loss/mean (the held-out loss, mean over categories), eval/loss/<category>,
+            sparcom/isn_jaccard/base/mean (drift at sparcom.overlap_epsilon), .../eps=<E>/<category>, ...
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -378,6 +381,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     resume: bool | str | None = None
+    objective: str = "eval/loss/mean"
 
 
 # --------------------------------------------------------------------------------- analyze.py

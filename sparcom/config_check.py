@@ -241,9 +241,47 @@ def check_train(cfg: TrainConfig) -> None:
         raise ConfigError(
             f"deepspeed.config: {config!r} is not allowed; expected a mapping, a JSON file or null"
         )
+    check_objective(cfg)
     if isinstance(cfg.resume, str) and not Path(cfg.resume).is_dir():
         raise ConfigError(
             f"resume: {cfg.resume!r} is not a checkpoint folder; expected true, false, null or a folder"
+        )
+
+
+_OBJECTIVE = re.compile(
+    r"(?P<family>eval/loss|sparcom/isn_jaccard/base|sparcom/isn_jaccard/prev|sparcom/isn_jaccard_chance/base"
+    r"|sparcom/ise_pearson/base|sparcom/ise_pearson/prev)(/eps=(?P<epsilon>[0-9.]+))?/(?P<category>\w+)"
+)
+
+
+def check_objective(cfg: TrainConfig) -> None:
+    """``objective`` names a number the run logs at its last snapshot."""
+    match = _OBJECTIVE.fullmatch(str(cfg.objective))
+    expected = (
+        "expected eval/loss/<category|mean>, sparcom/isn_jaccard/base/<category|mean> (the overlap epsilon's), "
+        "sparcom/isn_jaccard/base/eps=<E>/<category|mean>, or the same under isn_jaccard/prev, "
+        "isn_jaccard_chance/base, ise_pearson/base|prev"
+    )
+    if match is None:
+        raise ConfigError(f"objective: {cfg.objective!r} is not a number a run logs; {expected}")
+    category = match["category"]
+    categories = [str(c) for c in cfg.data.categories]
+    if category not in (*categories, "mean"):
+        raise ConfigError(
+            f"objective: {cfg.objective!r} names {category!r}{closest(category, categories)}; expected one of "
+            f"{', '.join(categories)} or mean"
+        )
+    if match["epsilon"] is not None and float(match["epsilon"]) not in [
+        float(e) for e in cfg.sparcom.epsilons
+    ]:
+        raise ConfigError(
+            f"objective: {cfg.objective!r} asks for eps={match['epsilon']}, which sparcom.epsilons "
+            f"({cfg.sparcom.epsilons}) does not measure; expected one of them"
+        )
+    if match["family"] == "eval/loss" and not cfg.data.held_out:
+        raise ConfigError(
+            f"objective: {cfg.objective!r} is the held-out loss, and data.held_out is 0; expected data.held_out > 0 "
+            "or a drift objective"
         )
 
 

@@ -171,6 +171,51 @@ def _sizes(tallies, category: str):
     return tallies.sizes[0][row], tallies.sizes[1][row], tallies.widths
 
 
+# ------------------------------------------------------------------------------ a run's result
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a training run ends with, for a sweeper to rank it by: its folder, its last snapshot's
+    drift and held-out loss (``final``), and its first snapshot's (``start``).
+
+    ``objective(name)`` is any number the run logged at its last snapshot, by its W&B key:
+    ``eval/loss/mean`` (the held-out response loss, mean over categories), ``eval/loss/math``,
+    ``sparcom/isn_jaccard/base/mean`` (the headline epsilon's drift), ``.../eps=0.3/code``, ...
+    """
+
+    run_dir: Path
+    final: DriftPoint
+    start: DriftPoint | None = None
+
+    @property
+    def step(self) -> int:
+        return self.final.step
+
+    def numbers(self) -> dict[str, float]:
+        """Every number of the last snapshot, by W&B key."""
+        return self.final.wandb_metrics()
+
+    def objective(self, name: str) -> float:
+        numbers = self.numbers()
+        if name not in numbers:
+            known = sorted(k for k in numbers if "/eps=" not in k)
+            raise KeyError(f"objective {name!r} is not among the run's numbers; expected one of {known}")
+        return float(numbers[name])
+
+
+def run_result(run_dir: str | Path) -> RunResult:
+    """The result of the run in ``run_dir``, from its ``drift.jsonl``."""
+    points = read_drift(Path(run_dir) / "snapshots" / "drift.jsonl")
+    if not points:
+        raise FileNotFoundError(f"{run_dir} has no drift.jsonl rows; is it a finished train.py run?")
+    return RunResult(Path(run_dir), points[-1], points[0])
+
+
+# How a run's W&B summary sums each key up: the best held-out loss, the drift where the run ended.
+SUMMARIES = {"eval/loss/*": "min", "sparcom/*": "last"}
+
+
 # ------------------------------------------------------------------------------ the record
 
 

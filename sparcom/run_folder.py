@@ -202,12 +202,13 @@ class Interrupted(KeyboardInterrupt):
 
 def wandb_run_id(run_dir: str | Path) -> str:
     """The id of the run's W&B run: kept in the folder, so every launch of the run (the first and each
-    resume) logs to the same W&B run. Created by the first launch."""
+    resume) logs to the same W&B run. The first launch takes ``WANDB_RUN_ID`` when it is set (a W&B
+    Sweeps agent sets it, so that the run joins its sweep), else a new id."""
     path = Path(run_dir) / WANDB_ID
     if path.is_file():
         return path.read_text().strip()
     path.parent.mkdir(parents=True, exist_ok=True)
-    run_id = secrets.token_hex(4)
+    run_id = os.environ.get("WANDB_RUN_ID") or secrets.token_hex(4)
     temporary = path.with_name(f".{path.name}.{os.getpid()}")
     temporary.write_text(run_id + "\n")
     temporary.replace(path)

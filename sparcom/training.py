@@ -188,6 +188,26 @@ def start_wandb(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -
     return True
 
 
+def summarise_wandb(result) -> None:
+    """The run's W&B summary, which W&B Sweeps rank runs by: every number of the last snapshot
+    (drift where it ended), and for the held-out losses the lowest reached (``drift.SUMMARIES``)."""
+    try:
+        import wandb
+
+        from sparcom.drift import read_drift
+
+        if wandb.run is None:
+            return
+        summary = result.numbers()
+        for point in read_drift(result.run_dir / "snapshots" / "drift.jsonl"):
+            for key, value in point.wandb_metrics().items():
+                if key.startswith("eval/loss/") and value == value:
+                    summary[key] = min(summary.get(key, value), value)
+        wandb.run.summary.update({k: v for k, v in summary.items() if v == v})
+    except Exception as err:  # noqa: BLE001 - W&B must never fail a finished run
+        warnings.warn(f"W&B: could not write the run's summary ({err})", stacklevel=2)
+
+
 def log_settings(values: dict) -> None:
     """Add settings found during the run (e.g. trainable parameters) to the W&B run's config."""
     try:

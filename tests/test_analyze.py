@@ -46,7 +46,7 @@ def analyzed(*overrides: str) -> list[Path]:
 def run(tmp_path_factory) -> Path:
     """One real 6-step SFT run of the tiny MoE (checkpoints at 3 and 6)."""
     folder = tmp_path_factory.mktemp("run") / "run"
-    return train(compose("train", ["experiment=smoke", "logger=disabled"]), folder)
+    return train(compose("train", ["experiment=smoke", "logger=disabled"]), folder).run_dir
 
 
 @pytest.mark.slow

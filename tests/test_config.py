@@ -21,7 +21,7 @@ from sparcom.config import (
     TokenScope,
     TrainConfig,
 )
-from sparcom.config_check import check_probe_fits
+from sparcom.config_check import check_data, check_probe_fits
 from sparcom.data import load_records
 from sparcom.errors import ConfigError
 from sparcom.run_folder import check_run_dir
@@ -222,11 +222,16 @@ def test_every_config_group_option_composes_and_passes_its_checks():
         "deepspeed=zero3",
         "logger=online",
         "logger=disabled",
-        "experiment=smoke",
+        *[
+            f"experiment={p.stem}"
+            for p in sorted((ROOT / "conf" / "experiment").glob("*.yaml"))
+            if p.stem != "paper"
+        ],
     ]
     for option in options:
         cfg = compose("train", [option])
         assert isinstance(cfg, TrainConfig), option
+        check_data(cfg)  # its split and probe fit HexaInst
     lora = compose("train", ["trainer=lora"])
     assert lora.trainer.peft.r == 16 and lora.trainer.args.learning_rate == 5e-4
     assert compose("train", ["deepspeed=zero3"]).deepspeed.config["zero_optimization"]["stage"] == 3

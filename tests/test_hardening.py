@@ -275,7 +275,7 @@ def test_online_without_an_api_key_logs_offline(tmp_path, monkeypatch):
 def test_wandb_init_failure_is_a_warning_and_training_goes_on(tmp_path):
     cfg = compose("train", ["experiment=smoke", "trainer.args.max_steps=3", "logger.project=bad/name"])
     with pytest.warns(UserWarning, match=r"W&B setup failed \(UsageError: Invalid project name"):
-        run = train(cfg, tmp_path / "run")
+        run = train(cfg, tmp_path / "run").run_dir
     assert sorted(snapshot_series(run / "snapshots")) == [0, 3]
 
 

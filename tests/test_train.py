@@ -24,7 +24,7 @@ from sparcom.training import Launch
 from train import train
 
 from conftest import torchrun
-from wandb_log import config, history, run, run_file
+from wandb_log import config, history, run, run_file, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["experiment=smoke", "sparcom.epsilons=[0.3,0.5]"]
@@ -58,11 +58,12 @@ def drift_rows(run_dir: Path) -> list[DriftPoint]:
 @pytest.mark.slow
 def test_sft_run_logs_drift_next_to_the_loss_and_the_whole_config(tmp_path):
     overrides = [*SMOKE, "sparcom.token_scope=all", "trainer.args.learning_rate=2e-4"]
-    run_dir = train(
+    result = train(
         compose("train", overrides),
         tmp_path / "run",
         Launch(overrides, {"model": "tiny-qwen2-moe", "trainer": "full"}),
     )
+    run_dir = result.run_dir
     wandb_file = run_file(run_dir / "wandb")
     settings = config(wandb_file)
     # Every sparcom setting, the model preset, the learning rate and the command line: filterable in W&B.
@@ -90,6 +91,16 @@ def test_sft_run_logs_drift_next_to_the_loss_and_the_whole_config(tmp_path):
     assert losses == {1, 2, 3, 4, 5, 6}
     drift = {r["train/global_step"]: r for r in rows if "sparcom/isn_jaccard/base/eps=0.5/math" in r}
     assert set(drift) == {0, 3, 6}  # step 0 and both checkpoints, on the loss's step axis
+    # What a sweeper ranks the run by: the objective train() returns, and the W&B summary (the lowest
+    # held-out loss reached, the drift where it ended).
+    points = read_drift(run_dir / "snapshots" / "drift.jsonl")
+    mean_loss = [sum(p.held_out_loss.values()) / len(p.held_out_loss) for p in points]
+    assert result.step == 6 and result.objective("eval/loss/mean") == pytest.approx(mean_loss[-1])
+    summarised = summary(wandb_file)
+    assert summarised["eval/loss/mean"] == pytest.approx(min(mean_loss))
+    assert summarised["sparcom/isn_jaccard/base/mean"] == pytest.approx(
+        drift[6]["sparcom/isn_jaccard/base/mean"]
+    )
     for step, row in drift.items():
         for category in CATEGORIES:
             for epsilon in ("0.3", "0.5"):
@@ -208,7 +219,7 @@ def test_launches_in_the_same_second_write_separate_folders(tmp_path):
 
 @pytest.mark.slow
 def test_lora_run_records_the_adapted_model(tmp_path):
-    run_dir = train(compose("train", [*SMOKE, "trainer=lora", "logger=disabled"]), tmp_path / "run")
+    run_dir = train(compose("train", [*SMOKE, "trainer=lora", "logger=disabled"]), tmp_path / "run").run_dir
     points = drift_rows(run_dir)
     assert [point.step for point in points] == [0, 3, 6]
     assert (
@@ -223,7 +234,9 @@ def test_isn_only_run_trains_the_base_models_isns_and_nothing_else(tmp_path):
 
     from test_isn_training import assert_only_isns_moved, entries_of
 
-    run_dir = train(compose("train", [*SMOKE, "trainer=isn", "trainer.isn.epsilon=0.7"]), tmp_path / "run")
+    run_dir = train(
+        compose("train", [*SMOKE, "trainer=isn", "trainer.isn.epsilon=0.7"]), tmp_path / "run"
+    ).run_dir
     mask = load_file(run_dir / "isn_mask.safetensors")
     base_snapshot = Snapshot.load(snapshot_series(run_dir / "snapshots")[0])
     expected = sparcom.isn_training.select_isns(base_snapshot, 0.7)  # the step-0 recording's ISNs

@@ -86,6 +86,18 @@ def config(path: str | Path) -> dict:
     return values
 
 
+def summary(path: str | Path) -> dict:
+    """The run's summary as it ends: every summary update, in order."""
+    values: dict = {}
+    for record in records(path):
+        if record.WhichOneof("record_type") == "summary":
+            for item in record.summary.update:
+                values[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+            for item in record.summary.remove:
+                values.pop(item.key or "/".join(item.nested_key), None)
+    return values
+
+
 def run_file(run_dir: str | Path) -> Path:
     """The ``.wandb`` file of the (single) W&B run under a folder."""
     found = sorted(Path(run_dir).rglob("run-*.wandb"))

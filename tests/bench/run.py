@@ -5,7 +5,8 @@ memory, host synchronisations), ``training`` (the callback's overhead on a train
 (recording through the paper's models' real layer shapes, a few layers each), ``analysis`` (a full
 comparison of two snapshots of each real model's shape: peak RSS and time against the size on
 disk), ``statistics`` (each statistics pass against the full-sample statistic it resamples),
-``isn`` (ISN-only fine-tuning against LoRA and full fine-tuning), ``explain`` (the neuron
+``real`` (SmolLM2-135M-Instruct, the packaged real model: recording against a bare forward, peak
+RSS, a training-run snapshot, steps with and without the callback), ``isn`` (ISN-only fine-tuning against LoRA and full fine-tuning), ``explain`` (the neuron
 explorer's pass and the generated token scope against the forwards they need) and ``coverage`` (the bootstrap
 intervals' coverage over synthetic datasets; long, so not in the default run). ``--device cuda
 --dtype bfloat16`` runs the scale section on a GPU, where it also reports device memory and how
@@ -23,6 +24,7 @@ from pathlib import Path
 import analysis_scale
 import explorer
 import isn_vs_lora
+import real
 import recording
 import scale
 import torch
@@ -30,7 +32,7 @@ import training
 
 from synthetic_shapes import LAYOUTS
 
-SECTIONS = ("recording", "training", "scale", "analysis", "statistics", "isn", "explain", "coverage")
+SECTIONS = ("recording", "training", "real", "scale", "analysis", "statistics", "isn", "explain", "coverage")
 DEFAULT = SECTIONS[:-1]
 HERE = Path(__file__).resolve().parent
 
@@ -47,6 +49,9 @@ def main() -> int:
         "--per-category", type=int, default=60, help="probe records per category (tiny models)"
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--real-per-category", type=int, default=50, help="probe prompts per category (real; 200 = HexaInst)"
+    )
     parser.add_argument("--device", default="cpu", help="device of the scale section (cpu, cuda)")
     parser.add_argument("--dtype", default="bfloat16", help="dtype of the scale section")
     parser.add_argument("--scale-models", nargs="+", choices=list(scale.SHAPES), default=None)
@@ -78,6 +83,8 @@ def main() -> int:
     if "training" in args.sections:
         models = {"qwen2-moe": recording.MODELS["qwen2-moe"], "llama-8x256": recording.MODELS["llama-8x256"]}
         results["training"] = training.report(models, args.rounds, recording.bare_forward)
+    if "real" in args.sections:
+        results["real"] = real.report(args.real_per_category, args.rounds)
     if "scale" in args.sections:
         results["scale"] = scale.report(
             args.device, dtype, args.scale_per_category, args.rounds, args.scale_models

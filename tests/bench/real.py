@@ -1,0 +1,169 @@
+"""The real model: SmolLM2-135M-Instruct (the packaged preset) recorded over HexaInst against a
+bare forward over the same length-sorted batches (the floor), tokens per second, peak RSS beside
+the model's size, the time of one training-run snapshot at the default probe size (recording, the
+held-out loss and the drift together), and a training step with and without the callback."""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from recording import ratio, side_by_side
+from training import StepTimer
+
+import sparcom
+from callbacks import SparcomCallback
+from sparcom.conversation import encode
+from sparcom.data import load_records
+from sparcom.models import load_model
+from sparcom.probe import length_bucketed, pad_batch
+from sparcom.training import probe_set, run_records, sft_dataset
+
+PRESET = "smollm2-135m-instruct"
+BATCH = 16
+
+
+def bare_forward(model, tokenizer, records) -> None:
+    """The forward the recorder needs, nothing counted: prompts only, the same length-sorted
+    batches, no vocabulary projection beyond the last token."""
+    encoded = [encode(r, tokenizer).needed_for("prompt") for r in records]
+    with torch.no_grad():
+        for batch in length_bucketed([len(e.input_ids) for e in encoded], BATCH):
+            ids, attention, _ = pad_batch([encoded[i] for i in batch], "prompt", tokenizer.pad_token_id)
+            model(input_ids=ids, attention_mask=attention, use_cache=False, logits_to_keep=1)
+
+
+def record(model, tokenizer, records) -> None:
+    sparcom.record(model, tokenizer, records, batch_size=BATCH, progress=False)
+
+
+def peak_rss_child(per_category: int) -> None:
+    """In a fresh process: load the model, reset the high-water mark, record, print the peak (MB)."""
+    model, tokenizer = load_model(PRESET)
+    records = probe_set(load_records(), per_category)
+    Path("/proc/self/clear_refs").write_text("5")
+    record(model, tokenizer, records)
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    print(int(line.split()[1]) / 1024)
+
+
+def snapshot_seconds(model, tokenizer, rounds: int) -> float:
+    """One mid-training snapshot as train.py takes it at the defaults: the probe (20 held-out
+    instructions per category), its drift against step 0, and the held-out loss (20 per category)."""
+    _, held_out, probe = run_records(load_records(), 20, 0, "held_out", 20, 0)
+    times = []
+    with tempfile.TemporaryDirectory() as out:
+        callback = SparcomCallback(tokenizer, probe, snapshot_dir=out, held_out=held_out, max_length=512)
+        callback.draw_figures = False
+        state = SimpleNamespace(global_step=0, is_world_process_zero=True)
+        callback._snapshot(None, state, model)
+        for step in range(1, rounds + 1):
+            state.global_step = step
+            started = time.perf_counter()
+            callback._snapshot(None, state, model)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def step_seconds(with_callback: bool, steps: int) -> list[float]:
+    """Steps of a plain Trainer on SmolLM2 (batch 4, up to 256 tokens); with the callback recording
+    at step 0 only, so the steps measure what it costs while no snapshot is taken."""
+    from transformers import Trainer, TrainingArguments
+
+    from sparcom.training import collate_sft
+
+    model, tokenizer = load_model(PRESET)
+    records = load_records()
+    timer = StepTimer()
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out,
+            max_steps=steps,
+            per_device_train_batch_size=4,
+            report_to=[],
+            use_cpu=True,
+            save_strategy="no",
+            logging_steps=10**6,
+            disable_tqdm=True,
+            remove_unused_columns=False,
+            learning_rate=5e-5,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=sft_dataset(records, tokenizer, 256),
+            data_collator=partial(collate_sft, pad_id=tokenizer.pad_token_id),
+            callbacks=[timer],
+        )
+        if with_callback:
+            trainer.add_callback(
+                SparcomCallback(
+                    tokenizer, probe_set(records, 2), snapshot_dir=out + "/snapshots", on_save=False
+                )
+            )
+        trainer.train()
+    return timer.seconds[1:]  # the first step warms up
+
+
+def report(per_category: int, rounds: int) -> dict:
+    model, tokenizer = load_model(PRESET)
+    records = probe_set(load_records(), per_category)
+    tokens = sum(int(encode(r, tokenizer).prompt_mask.sum()) for r in records)
+    computed = sum(len(encode(r, tokenizer).needed_for("prompt").input_ids) for r in records)
+    size_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    print(
+        f"\nreal model: {PRESET} (float32, {size_mb:.0f} MB of weights), {len(records)} HexaInst prompts, "
+        f"{computed} tokens run ({tokens} counted), batch {BATCH}, threads {torch.get_num_threads()}"
+    )
+    bare_forward(model, tokenizer, records[:BATCH])  # warm-up
+    runs = {
+        "bare": partial(bare_forward, model, tokenizer, records),
+        "record": partial(record, model, tokenizer, records),
+        "bare again": partial(bare_forward, model, tokenizer, records),
+    }
+    medians = side_by_side(runs, rounds)
+    print(
+        f"  record / bare forward = {ratio(medians, 'record', 'bare')}  (goal <= 1.0; A/A noise floor, "
+        f"bare vs bare: {ratio(medians, 'bare again', 'bare')})"
+    )
+    print(
+        f"  tokens/s: record {computed / medians['record']['wall_s']:.0f}, bare {computed / medians['bare']['wall_s']:.0f}"
+    )
+    done = subprocess.run(
+        [sys.executable, __file__, "--peak-rss", str(per_category)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    peak = float(done.stdout.strip().splitlines()[-1])
+    print(f"  peak RSS while recording: {peak:.0f} MB, beside {size_mb:.0f} MB of weights")
+    snapshot = snapshot_seconds(model, tokenizer, rounds)
+    print(f"  one training-run snapshot at the defaults (probe + drift + held-out loss): {snapshot:.1f} s")
+    without, with_ = [], []
+    for round_ in range(2):  # ABBA
+        for attached in (False, True) if round_ == 0 else (True, False):
+            (with_ if attached else without).extend(step_seconds(attached, 4))
+    print(
+        f"  training step (batch 4, <= 256 tokens): {statistics.median(without):.2f} s without the callback, "
+        f"{statistics.median(with_):.2f} s with it (throughput ratio {statistics.median(without) / statistics.median(with_):.3f})"
+    )
+    return {
+        "seconds": medians,
+        "tokens": computed,
+        "peak_rss_mb": peak,
+        "weights_mb": size_mb,
+        "snapshot_s": snapshot,
+        "step_s": {"without": statistics.median(without), "with": statistics.median(with_)},
+    }
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--peak-rss"]:
+        peak_rss_child(int(sys.argv[2]))
