@@ -301,7 +301,9 @@ def launch() -> Launch:
     if hydra.mode != RunMode.MULTIRUN:
         return Launch(overrides, choices)
     values = dict(o.lstrip("+~").split("=", 1) for o in overrides if "=" in o)
-    swept = [k for k in os.environ.get(SWEPT, "").split(",") if k in values]
+    # The keys a sweep varies: from the command line (basic sweeper), or a sweeper's search space (Optuna).
+    searched = list((hydra.sweeper.get("params") or {}).keys()) if "params" in hydra.sweeper else []
+    swept = [k for k in [*os.environ.get(SWEPT, "").split(","), *searched] if k in values]
     short = [k.rsplit(".", 1)[-1] for k in swept]
     labels = [s if short.count(s) == 1 else k for s, k in zip(short, swept, strict=True)]
     name = ",".join(f"{label}={values[k]}" for label, k in zip(labels, swept, strict=True))

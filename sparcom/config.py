@@ -242,6 +242,9 @@ def _sft_args_class() -> type:
             fields.append((spec["name"], kind, field(default=default)))
         docs.append(f"    {spec['name']}: {spec['help']}")
     cls = make_dataclass("SFTArgs", fields)
+    # Named as where it lives, so a pickled config (a launcher's job in another process) finds this
+    # very class again; make_dataclass would call it types.SFTArgs.
+    cls.__module__ = __name__
     cls.__doc__ = "Every TRL SFTConfig field, with TRL's defaults.\n\nParameters:\n" + "\n".join(docs)
     return cls
 
