@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from sparcom.analysis import layer_profiles, overlap_matrix
+from sparcom.artifacts import log_checkpoint, log_snapshot
 from sparcom.drift import TABLE_COLUMNS, DriftPoint, append_drift, drift_point, read_drift, write_drift
 from sparcom.probe import record
 from sparcom.resampling import sampling_stability
@@ -131,6 +132,15 @@ class SparcomCallback(TrainerCallback):
     def on_save(self, args, state, control, model=None, **kwargs):
         if self.record_on_save:
             self._snapshot(args, state, model)
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            try:
+                import wandb
+
+                if wandb.run is not None:
+                    log_checkpoint(wandb.run, folder, state.global_step)
+            except Exception as err:  # noqa: BLE001 - a logging outage must never stop training
+                warnings.warn(f"W&B: could not log {folder.name} ({err}); training continues", stacklevel=2)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if self.every_steps and state.global_step % self.every_steps == 0:
@@ -231,6 +241,8 @@ class SparcomCallback(TrainerCallback):
                 rows = [row for s in sorted(self.points) for row in self.points[s].table_rows()]
                 table = wandb.Table(columns=TABLE_COLUMNS, data=rows)
                 run.log({**point.wandb_metrics(), "sparcom/drift_table": table, "train/global_step": step})
+                path = self.snapshot_dir / SNAPSHOT_NAME.format(step=step)
+                log_snapshot(run, path, step, min(self.points))
         except Exception as err:  # noqa: BLE001 - a logging outage must never stop training
             warnings.warn(f"W&B logging failed at step {step} ({err}); training continues", stacklevel=2)
         if self.draw_figures:

@@ -98,6 +98,25 @@ def summary(path: str | Path) -> dict:
     return values
 
 
+def artifacts(path: str | Path) -> list[dict]:
+    """The artifacts the run logged, in order: name, type, aliases, metadata, and the manifest's
+    entries (path -> reference, digest, size)."""
+    found = []
+    for record in records(path):
+        if record.WhichOneof("record_type") == "artifact":
+            artifact = record.artifact
+            found.append(
+                {
+                    "name": artifact.name,
+                    "type": artifact.type,
+                    "aliases": list(artifact.aliases),
+                    "metadata": json.loads(artifact.metadata or "{}"),
+                    "entries": {e.path: (e.ref, e.digest, e.size) for e in artifact.manifest.contents},
+                }
+            )
+    return found
+
+
 def run_file(run_dir: str | Path) -> Path:
     """The ``.wandb`` file of the (single) W&B run under a folder."""
     found = sorted(Path(run_dir).rglob("run-*.wandb"))
