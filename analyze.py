@@ -67,7 +67,9 @@ def analyze(cfg: AnalyzeConfig, out: Path) -> list[Path]:
     check_models_loadable(cfg)
     from sparcom.report import write_index
 
-    if cfg.mode == "explain":
+    if cfg.sweep:
+        reports = [sweep(cfg, out / "sweep")]
+    elif cfg.mode == "explain":
         explained = explain(cfg, out / "explain", records)
         if isinstance(explained, str):  # one neuron's card, for the terminal
             print(explained)
@@ -78,6 +80,19 @@ def analyze(cfg: AnalyzeConfig, out: Path) -> list[Path]:
         reports = [work(cfg, out / item.name / str(cfg.mode), item, records) for item in inputs_of(cfg)]
     write_index(out)
     return reports
+
+
+def sweep(cfg: AnalyzeConfig, out: Path) -> Path:
+    """A sweep's jobs side by side: table and figures against the swept settings."""
+    from sparcom.comparison import Statistics
+    from sparcom.data import CATEGORIES
+    from sparcom.sweep import sweep_folders, sweep_jobs, write_sweep
+
+    st = cfg.stats
+    statistics = Statistics(st.resamples, st.permutations, st.splits, st.seed) if st.enabled else None
+    jobs = sweep_jobs(sweep_folders(cfg.sweep), cfg.sparcom.epsilons, cfg.sparcom.selection_mode, statistics)
+    categories = [c for c in CATEGORIES if c in jobs[0].isn_jaccard[cfg.sparcom.epsilons[0]]]
+    return write_sweep(out, jobs, categories)
 
 
 def placement(cfg: AnalyzeConfig) -> dict:

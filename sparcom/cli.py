@@ -51,10 +51,13 @@ def run_stamp() -> str:
     return time.strftime("%Y-%m-%d_%H-%M-%S", time.localtime(started)) + "_" + digest
 
 
-def analysis_dir(run: str | None, out: str | None, stamp: str) -> str:
-    """Where analyze.py writes: ``out``, else ``<run>/analysis``, else ``analysis/<launch stamp>``."""
+def analysis_dir(run: str | None, out: str | None, stamp: str, sweep=None) -> str:
+    """Where analyze.py writes: ``out``, else ``<run>/analysis`` (a run's, or a sweep folder's), else
+    ``analysis/<launch stamp>``."""
     if out not in (None, "None", "null"):
         return str(out)
+    if sweep not in (None, "None", "null") and (isinstance(sweep, str) or len(sweep) == 1):
+        run = sweep if isinstance(sweep, str) else sweep[0]
     if run not in (None, "None", "null"):
         return str(Path(run) / "analysis")
     return f"analysis/{stamp}"

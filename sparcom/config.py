@@ -461,6 +461,7 @@ class AnalyzeConfig:
     Parameters:
         mode: compare (tables, figures, report), ablate (causal check), steer, explain.
         run: a train.py run folder: base = its first snapshot, tuned = its last.
+        sweep: a multirun folder (or a list of run folders): its jobs side by side (mode=compare).
         base: a snapshot file, conf/model preset, model folder or hub id (mode=ablate, steer and explain: the model).
         tuned: the same kinds, compared with base.
         pairs: several comparisons at once: [{name, base, tuned}, ...].
@@ -481,6 +482,7 @@ class AnalyzeConfig:
 
     mode: AnalyzeMode = AnalyzeMode.compare
     run: str | None = None
+    sweep: Any = None
     base: str | None = None
     tuned: str | None = None
     pairs: list[PairConfig] | None = None

@@ -343,6 +343,9 @@ def check_analyze(cfg: AnalyzeConfig) -> None:
         raise ConfigError(f"stats.control_draws: {cfg.stats.control_draws!r} is too few; expected at least 2")
     if cfg.mode == "explain":
         check_explain(cfg)
+    if cfg.sweep is not None:
+        check_sweep(cfg)
+        return
     if cfg.run is not None:
         if cfg.base or cfg.tuned or cfg.pairs:
             raise ConfigError(
@@ -363,6 +366,20 @@ def check_analyze(cfg: AnalyzeConfig) -> None:
             check_inputs(f"pairs[{index}].", pair.base, pair.tuned, cfg.mode)
         return
     check_inputs("", cfg.base, cfg.tuned, cfg.mode)
+
+
+def check_sweep(cfg: AnalyzeConfig) -> None:
+    """sweep=: alone, in mode=compare, naming finished jobs of one model (``sweep_folders``)."""
+    from sparcom.sweep import sweep_folders
+
+    if cfg.run or cfg.base or cfg.tuned or cfg.pairs:
+        raise ConfigError(
+            "sweep: given with run, base, tuned or pairs; expected sweep=<multirun folder> alone"
+        )
+    if cfg.mode != "compare":
+        raise ConfigError(f"sweep: given with mode={cfg.mode}; expected mode=compare (the default)")
+    cfg.sweep = [str(p) for p in (cfg.sweep if isinstance(cfg.sweep, list | tuple) else [cfg.sweep])]
+    sweep_folders(cfg.sweep)
 
 
 def check_explain(cfg: AnalyzeConfig) -> None:

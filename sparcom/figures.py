@@ -91,12 +91,15 @@ def lines(
     integer_x: bool = False,
     reference: tuple[str, Sequence[float]] | None = None,
     ylim: tuple[float, float] | None = None,
+    log_x: bool = False,
 ) -> Path:
     """One subplot per panel, one line per series, all panels on one y axis.
 
-    ``reference``: a named dashed line drawn in every panel (e.g. the chance level).
+    ``reference``: a named dashed line drawn in every panel (e.g. the chance level); ``log_x``: a
+    logarithmic x axis (a learning rate).
     """
-    figure = Figure(figsize=(max(6.4, 5.2 * len(panels)), 4.2), dpi=120, layout="constrained")
+    # Page-wide at most (12 in at 100 dpi: the page's width), so the labels keep their size on screen.
+    figure = Figure(figsize=(min(12, max(6.4, 4.4 * len(panels))), 4.2), dpi=100, layout="constrained")
     axes_list = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for axes, (panel_title, series) in zip(axes_list, panels.items(), strict=True):
         for name, values in series.items():
@@ -111,6 +114,8 @@ def lines(
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ylim:
             axes.set_ylim(*ylim)
+        if log_x:
+            axes.set_xscale("log")
     axes_list[0].set_ylabel(ylabel)
     axes_list[-1].legend(fontsize=8)
     if title:

@@ -4,6 +4,8 @@ Optuna through hydra-optuna-sweeper, jobs in separate processes through submitit
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
@@ -147,3 +149,63 @@ def test_a_sweep_over_an_unknown_key_is_refused_on_one_line(tmp_path):
     )
     assert done.returncode == 2 and done.stderr.startswith("error: trainer.args.learning_rat: unknown key")
     assert list(tmp_path.iterdir()) == []
+
+
+def analyzed(arguments: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "analyze.py"), *arguments],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={k: v for k, v in os.environ.items() if k != "SPARCOM_RUN_STAMP"},
+    )
+
+
+@pytest.mark.slow
+def test_one_view_across_a_sweep(tmp_path):
+    launched(["-m", *QUICK, "trainer.args.learning_rate=1e-4,1e-3", "logger=disabled"], tmp_path)
+    (sweep,) = (tmp_path / "multirun").iterdir()
+    done = analyzed([f"sweep={sweep}", "stats.resamples=20"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = sweep / "analysis" / "sweep"
+    rows = list(csv.DictReader((out / "sweep.csv").read_text().splitlines()))
+    assert [r["job"] for r in rows] == ["0", "1"]
+    assert [float(r["trainer.args.learning_rate"]) for r in rows] == [1e-4, 1e-3]
+    for row, job in zip(rows, jobs(tmp_path), strict=True):
+        result = run_result(job)
+        assert float(row["eval/loss/mean"]) == pytest.approx(result.objective("eval/loss/mean"))
+        for epsilon in ("0.3", "0.5", "0.7"):  # every epsilon from the stored counts
+            logged = result.final.isn_jaccard["base"][float(epsilon)]["math"]
+            assert float(row[f"isn_jaccard_eps{epsilon}_math"]) == pytest.approx(logged)
+            low, high = json.loads(
+                row[f"isn_jaccard_eps{epsilon}_math_ci95"].replace("(", "[").replace(")", "]")
+            )
+            assert low <= logged <= high
+        change = result.final.held_out_loss["code"] - result.start.held_out_loss["code"]
+        assert float(row["held_out_loss_change_code"]) == pytest.approx(change)
+    for figure in ("drift.png", "held_out_loss.png"):
+        assert (out / "figures" / figure).stat().st_size > 10_000
+    index = (sweep / "analysis" / "index.html").read_text()
+    assert 'href="sweep/report.html"' in index and "sweep: 2 jobs varying trainer.args.learning_rate" in index
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("empty", "holds no finished train.py job"),
+        ("models", "the jobs fine-tuned different models (tiny-llama, tiny-qwen2-moe)"),
+    ],
+)
+def test_a_sweep_that_cannot_be_viewed_is_refused_on_one_line(tmp_path, case, message):
+    sweep = tmp_path / "multirun" / "x"
+    for job, model in (("0", "tiny-qwen2-moe"), ("1", "tiny-llama")):
+        folder = sweep / job
+        (folder / "snapshots").mkdir(parents=True)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"model": {"name_or_path": model}}))
+        if case == "models":
+            (folder / "snapshots" / "drift.jsonl").write_text("")
+    before = sorted(p for p in tmp_path.rglob("*"))
+    done = analyzed([f"sweep={sweep}"], tmp_path)
+    assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing written
