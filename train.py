@@ -206,12 +206,15 @@ def isn_setup(cfg: TrainConfig, model, tokenizer, probe, run_dir: Path, rank: in
         isn.categories,
         isn.selection_mode,
         isn.isn_set,
+        isn.control,
+        isn.control_seed,
     )
     if rank == 0:
         print(setup)
         log_settings(
             {
                 "isn": {
+                    "trains": "random neurons matched to the ISNs" if isn.control == "random" else "the ISNs",
                     "neurons": setup.neurons,
                     "trainable_parameters": setup.trainable,
                     "total_parameters": setup.total,

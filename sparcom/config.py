@@ -73,6 +73,13 @@ class ProbeSplit(StrEnum):
     all = "all"
 
 
+class IsnControl(StrEnum):
+    """What ISN-only training trains: the ISNs, or its control, a random set of the same sizes."""
+
+    none = "none"
+    random = "random"
+
+
 class IsnSet(StrEnum):
     """Which of a category's ISNs a causal edit or ISN-only training takes (``sparcom.select.ISN_SETS``)."""
 
@@ -280,12 +287,18 @@ class IsnTrainingConfig:
         selection_mode: how epsilon selects them.
         isn_set: frequent (every neuron that fires often on the category) or unique (those that are
             ISNs of no other category: the categories' own neurons).
+        control: none trains the ISNs; random trains the matched control instead, random neurons with
+            exactly the ISN set's counts in every site and expert, so two runs differ only in which
+            neurons move.
+        control_seed: which random neurons the control draws.
     """
 
     epsilon: float = 0.5
     categories: list[Category] | None = None
     selection_mode: SelectionMode = SelectionMode.threshold
     isn_set: IsnSet = IsnSet.frequent
+    control: IsnControl = IsnControl.none
+    control_seed: int = 0
 
 
 @dataclass

@@ -98,11 +98,15 @@ def intervene(model: nn.Module, neurons: NeuronSet, scale: float) -> Iterator[No
 
 
 def random_like(neurons: NeuronSet, generator: torch.Generator) -> NeuronSet:
-    """As many neurons as ``neurons`` has in each site, drawn uniformly from the same site."""
+    """As many neurons as ``neurons`` has in each site, and within a site of routed experts
+    (``[E, d]``) in each expert, drawn uniformly from the same site (expert): a control that differs
+    from the set only in which neurons it holds."""
     control = {}
     for site, chosen in neurons.items():
-        picked = torch.zeros(chosen.numel(), dtype=torch.bool)
-        picked[torch.randperm(chosen.numel(), generator=generator)[: int(chosen.sum())]] = True
+        rows = chosen.reshape(-1, chosen.shape[-1]) if chosen.dim() > 1 else chosen.reshape(1, -1)
+        picked = torch.zeros(rows.shape, dtype=torch.bool)
+        for row, count in enumerate(rows.sum(1).tolist()):
+            picked[row, torch.randperm(rows.shape[1], generator=generator)[:count]] = True
         control[site] = picked.reshape(chosen.shape)
     return control
 

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from sparcom.config_check import check_isn_training
 from sparcom.data import CATEGORIES
-from sparcom.intervention import check_neurons, neuron_sites
+from sparcom.intervention import check_neurons, neuron_sites, random_like
 from sparcom.select import SELECTION_MODES, NeuronSet, category_isns
 from sparcom.sites import neuron_weights, unwrap
 from sparcom.snapshot import Snapshot
@@ -187,6 +187,8 @@ def isn_only(
     categories: Sequence[str] | None = None,
     selection_mode: str = "threshold",
     isn_set: str = "frequent",
+    control: str = "none",
+    control_seed: int = 0,
 ) -> IsnTraining:
     """Set ``model`` up to fine-tune only its ISNs, before the trainer is built.
 
@@ -195,6 +197,9 @@ def isn_only(
             union of ``categories``' ISNs at ``epsilon`` is selected; or a mask already selected
             (a ``site -> bool`` dict, or the path of an ``isn_mask.safetensors``, as on resume).
         run_dir: where ``isn_mask.safetensors`` is written; a different mask already there is refused.
+        control: ``"random"`` trains, instead of the ISNs, random neurons with exactly their counts in
+            every site and expert (``sparcom.intervention.random_like``, seeded by ``control_seed``):
+            the control that says whether the ISNs themselves matter.
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
@@ -204,8 +209,12 @@ def isn_only(
         selection_mode,
         {"zero_optimization": {"stage": 3}} if is_deepspeed_zero3_enabled() else None,
     )
+    if control not in ("none", "random"):
+        raise ValueError(f"unknown ISN-training control {control!r}; expected none or random")
     if isinstance(selection, Snapshot):
         mask = select_isns(selection, epsilon, categories, selection_mode, isn_set)
+        if control == "random":
+            mask = random_like(mask, torch.Generator().manual_seed(control_seed))
     elif isinstance(selection, dict):
         mask = selection
     else:
@@ -226,6 +235,9 @@ def isn_only(
                 "categories": list(categories or CATEGORIES),
                 "selection_mode": selection_mode,
                 "isn_set": isn_set,
+                "control": control,
+                **({"control_seed": control_seed} if control == "random" else {}),
+                "trains": "random neurons matched to the ISNs" if control == "random" else "the ISNs",
             }
             save_mask(mask, path, settings)
     total = sum(p.numel() for p in unwrap(model).parameters())

@@ -50,7 +50,10 @@ class ResponseLoss:
         self.batches = []
         for batch in length_bucketed([len(e.input_ids) for e in encoded], batch_size):
             ids, attention, scope = pad_batch([encoded[i] for i in batch], "response", pad_id)
-            self.batches.append((ids, attention, scope[:, 1:], category_of[batch]))
+            # Logits are needed from the position before the earliest response token on: the model
+            # projects only those onto the vocabulary (logits_to_keep), not every prompt token.
+            first = int(scope.float().argmax(1).min()) - 1
+            self.batches.append((ids, attention, scope[:, 1:], category_of[batch], max(first, 0)))
 
     def __call__(self, model: nn.Module) -> torch.Tensor:
         """``[C]`` float64 loss per category (0 for a category without response tokens)."""
@@ -58,15 +61,19 @@ class ResponseLoss:
         tokens = torch.zeros(len(self.categories), dtype=torch.float64)
         device = input_device(unwrap(model))
         with inference_mode(model):
-            for ids, attention, mask, rows in self.batches:
+            for ids, attention, mask, rows, first in self.batches:
+                length = ids.shape[1]
                 logits = model(
-                    input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False
-                ).logits[:, :-1]
+                    input_ids=ids.to(device),
+                    attention_mask=attention.to(device),
+                    use_cache=False,
+                    logits_to_keep=length - first,
+                ).logits[:, :-1]  # [B, L - 1 - first, V]: predictions of tokens first + 1 ... L - 1
                 # Only the scored positions go through the softmax: [N, V] rather than [B, L, V].
-                scored = mask.to(logits.device)
-                nll = torch.zeros(scored.shape, dtype=torch.float64, device=logits.device)  # [B, L-1]
-                nll[scored] = torch.nn.functional.cross_entropy(
-                    logits[scored].float(), ids[:, 1:].to(logits.device)[scored], reduction="none"
+                scored = mask[:, first:].to(logits.device)
+                nll = torch.zeros(mask.shape, dtype=torch.float64, device=logits.device)  # [B, L-1]
+                nll[:, first:][scored] = torch.nn.functional.cross_entropy(
+                    logits[scored].float(), ids[:, first + 1 :].to(logits.device)[scored], reduction="none"
                 ).double()  # token t predicted from t-1
                 total.index_add_(0, rows, nll.sum(1).cpu())
                 tokens.index_add_(0, rows, mask.sum(1).double())

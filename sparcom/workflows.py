@@ -60,6 +60,14 @@ def read_run(path: str | Path) -> RunFolder:
     )
     if kind:
         settings["trainer"] = kind
+    isn = (config.get("trainer") or {}).get("isn")
+    if isn:
+        control = isn.get("control") == "random"
+        settings["trainer"] = "isn" + (
+            f" (control: random neurons matched to the ISNs, seed {isn.get('control_seed')})"
+            if control
+            else ""
+        )
     return RunFolder(path, series, model, final_model, settings)
 
 

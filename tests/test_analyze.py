@@ -368,3 +368,20 @@ def test_steering_writes_the_dose_response_table_and_figures(run):
     assert all(float(r["loss_delta"]) == 0 and float(r["control_mean"]) == 0 for r in unchanged)
     assert len(list((out / "figures").glob("dose_response_*.png"))) == 6
     assert 'href="steer/report.html"' in (run / "analysis" / "index.html").read_text()
+
+
+@pytest.mark.slow
+def test_ablation_of_each_categorys_unique_isns(run, tmp_path):
+    """sparcom.isn_set=unique silences each category's own neurons (ISNs of no other category), a
+    small share of the model, rather than every neuron that fires often on it."""
+    common = [f"run={run}", "mode=ablate", "ablate.per_category=2", "stats.control_draws=2"]
+    analyzed(*common, f"out={tmp_path / 'frequent'}")
+    [page] = analyzed(*common, "sparcom.isn_set=unique", f"out={tmp_path / 'unique'}")
+    frequent, unique = (
+        json.loads((tmp_path / kind / "ablate" / "ablation.json").read_text())
+        for kind in ("frequent", "unique")
+    )
+    assert unique["isn_set"] == "unique" and frequent["isn_set"] == "frequent"
+    assert all(u < f for u, f in zip(unique["neurons"], frequent["neurons"], strict=True))
+    assert unique["total_neurons"] == frequent["total_neurons"] > max(frequent["neurons"])
+    assert "unique ISNs (ISNs of no other category)" in page.read_text()

@@ -137,3 +137,33 @@ def test_shared_counts_are_exact_on_either_kernel(rows, columns):
         chosen = torch.rand(rows, columns, generator=generator) < density
         exact = chosen.double() @ chosen.double().T
         assert torch.equal(shared_counts(chosen), exact)
+
+
+@pytest.mark.parametrize("mode", ["threshold", "percentile_layer"])
+def test_unique_isns_are_each_categorys_own_share_of_the_frequent_ones(mode):
+    """``isn_set="unique"``: a category's ISNs that are ISNs of no other category. Against the
+    frequent sets: each a subset, pairwise disjoint, and together every neuron in exactly one set."""
+    import numpy as np
+
+    from sparcom.select import category_isns
+
+    from synthetic import draw, moe_sites, random_population
+
+    rng = np.random.default_rng(4)
+    kinds, shapes, layers = moe_sites(layers=2)
+    categories = ["classification", "code", "math"]
+    snapshot = draw([random_population(rng, categories, shapes, kinds, layers)], 5, rng)[0]
+    frequent = category_isns(snapshot, 0.4, mode)
+    unique = category_isns(snapshot, 0.4, mode, isn_set="unique")
+    for site in frequent["math"]:
+        members = torch.stack([frequent[c][site] for c in categories]).sum(0)
+        for category in categories:
+            assert torch.equal(unique[category][site], frequent[category][site] & (members == 1))
+        assert int(torch.stack([unique[c][site] for c in categories]).sum(0).max()) <= 1
+    assert (
+        0
+        < sum(int(s.sum()) for s in unique["math"].values())
+        < sum(int(s.sum()) for s in frequent["math"].values())
+    )
+    with pytest.raises(ValueError, match="unknown ISN set 'rare'; expected one of"):
+        category_isns(snapshot, 0.4, mode, isn_set="rare")

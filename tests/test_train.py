@@ -4,6 +4,9 @@ the point (several ranks, a sweep, launches in the same second)."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +27,7 @@ from sparcom.training import Launch
 from train import train
 
 from conftest import torchrun
-from wandb_log import config, history, run, run_file, summary
+from wandb_log import artifacts, config, history, run, run_file, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["experiment=smoke", "sparcom.epsilons=[0.3,0.5]"]
@@ -100,6 +103,24 @@ def test_sft_run_logs_drift_next_to_the_loss_and_the_whole_config(tmp_path):
     assert summarised["eval/loss/mean"] == pytest.approx(min(mean_loss))
     assert summarised["sparcom/isn_jaccard/base/mean"] == pytest.approx(
         drift[6]["sparcom/isn_jaccard/base/mean"]
+    )
+    # Snapshots and checkpoints as reference artifacts (their files' paths, sizes and checksums, nothing
+    # uploaded); every later snapshot names the base it was compared with.
+    logged = artifacts(wandb_file)
+    run_id = run(wandb_file).run_id
+    snapshots = [a for a in logged if a["type"] == "sparcom-snapshot"]
+    assert [a["metadata"]["step"] for a in snapshots] == [0, 3, 6]
+    assert {a["name"] for a in snapshots} == {f"snapshots-{run_id}"}
+    assert "base" in snapshots[0]["aliases"] and "step-6" in snapshots[2]["aliases"]
+    for artifact, path in zip(snapshots, snapshot_series(run_dir / "snapshots").values(), strict=True):
+        ((reference, digest, size),) = artifact["entries"].values()
+        assert reference == path.resolve().as_uri() and size == path.stat().st_size
+        assert digest == base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
+        assert artifact["metadata"]["compared_with"] == f"snapshots-{run_id}:step-0"
+    checkpoints = [a for a in logged if a["type"] == "model"]
+    assert [a["metadata"]["step"] for a in checkpoints] == [3, 6]
+    assert any(
+        ref.endswith("checkpoint-6/model.safetensors") for ref, _, _ in checkpoints[1]["entries"].values()
     )
     for step, row in drift.items():
         for category in CATEGORIES:
@@ -249,3 +270,36 @@ def test_isn_only_run_trains_the_base_models_isns_and_nothing_else(tmp_path):
     settings = config(run_file(run_dir / "wandb"))
     assert settings["isn"]["trainable_parameters"] == sum(int(m.sum()) for m in trained.values())
     assert settings["isn"]["neurons"] == sum(int(m.sum()) for m in mask.values())
+
+
+@pytest.mark.slow
+def test_isn_training_against_its_matched_random_control(tmp_path):
+    """trainer.isn.control=random trains random neurons with exactly the ISN set's counts in every
+    site and every expert: the mask differs, the counts do not, and everything outside the mask stays
+    byte-identical to the base; the mask file, W&B and the report's header say which kind it is."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from test_isn_training import assert_only_isns_moved
+
+    run_dir = train(
+        compose("train", [*SMOKE, "trainer=isn", "trainer.isn.control=random", "trainer.isn.control_seed=3"]),
+        tmp_path / "control",
+    ).run_dir
+    mask = load_file(run_dir / "isn_mask.safetensors")
+    isns = sparcom.isn_training.select_isns(Snapshot.load(snapshot_series(run_dir / "snapshots")[0]), 0.5)
+    assert set(mask) == set(isns)
+    for site, chosen in mask.items():
+        per_unit = (lambda m: m.sum(-1)) if chosen.dim() > 1 else (lambda m: m.sum())
+        assert torch.equal(per_unit(chosen), per_unit(isns[site])), site  # the same count per site and expert
+    assert any(not torch.equal(mask[s], isns[s]) for s in mask)  # other neurons
+    base, _ = load_model("tiny-qwen2-moe")
+    tuned, _ = load_model(str(run_dir / "checkpoint-6"))
+    assert_only_isns_moved(base.state_dict(), tuned.state_dict(), mask)
+    with safe_open(str(run_dir / "isn_mask.safetensors"), "pt") as handle:
+        settings = json.loads(handle.metadata()["settings"])
+    assert settings["control"] == "random" and settings["control_seed"] == 3
+    assert config(run_file(run_dir / "wandb"))["isn"]["trains"] == "random neurons matched to the ISNs"
+    from sparcom.workflows import read_run
+
+    assert "control: random neurons matched to the ISNs, seed 3" in read_run(run_dir).settings["trainer"]
