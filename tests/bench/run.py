@@ -49,6 +49,8 @@ def main() -> int:
         "--per-category", type=int, default=60, help="probe records per category (tiny models)"
     )
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--isn-steps", type=int, default=12, help="SFT steps per arm (isn)")
+    parser.add_argument("--isn-seeds", type=int, default=3, help="seeds of the ISN and random arms (isn)")
     parser.add_argument(
         "--real-per-category", type=int, default=50, help="probe prompts per category (real; 200 = HexaInst)"
     )
@@ -95,7 +97,7 @@ def main() -> int:
         print("\nstatistics passes (fresh process each)")
         printed("stats.py")
     if "isn" in args.sections:
-        results["isn"] = isn_vs_lora.report()
+        results["isn"] = isn_vs_lora.report(args.isn_steps, args.isn_seeds)
     if "explain" in args.sections:
         results["explain"] = explorer.report(args.per_category, args.rounds)
     if "coverage" in args.sections:
