@@ -7,7 +7,6 @@ Every cell of the ``[C, C]`` loss-change matrix gets a z-score against its own c
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -15,30 +14,10 @@ from scipy import stats
 from torch import nn
 
 from sparcom.data import Record
-from sparcom.intervention import intervene
 from sparcom.response_loss import ResponseLoss
-from sparcom.select import NeuronSet, category_isns
+from sparcom.select import category_isns
 from sparcom.snapshot import Snapshot
 from sparcom.steer import loss_changes
-
-
-def zeroed(
-    model: nn.Module, neurons: NeuronSet, site_kinds: dict[str, str] | None = None
-) -> contextlib.AbstractContextManager[None]:
-    """Silence neurons for the duration: ``intervene`` at scale 0 (``site_kinds`` is not needed)."""
-    return intervene(model, neurons, 0.0)
-
-
-def response_loss(
-    model: nn.Module,
-    tokenizer,
-    records: Sequence[Record],
-    categories: list[str],
-    batch_size: int = 8,
-    max_length: int | None = None,
-) -> torch.Tensor:
-    """``[C]`` mean next-token cross-entropy on each category's response tokens."""
-    return ResponseLoss(tokenizer, records, categories, batch_size, max_length)(model)
 
 
 def ablation_matrices(
@@ -150,17 +129,4 @@ def dominance(z: torch.Tensor, draws: int, alpha: float = 0.05, two_sided: bool 
         "false_positive_rate": false_positive,
         "dominant": dominant,
         "verdict": verdict,
-    }
-
-
-def diagonal_dominance(matrix: torch.Tensor) -> dict:
-    """How strongly each row's own category is hit, descriptively (no null): rows whose diagonal is
-    the row maximum, and the mean diagonal against the mean off-diagonal entry."""
-    size = matrix.shape[0]
-    off = matrix[~torch.eye(size, dtype=torch.bool)]
-    return {
-        "rows_with_diagonal_max": int(sum(int(matrix[i].argmax() == i) for i in range(size))),
-        "rows": size,
-        "mean_diagonal": float(matrix.diagonal().mean()),
-        "mean_off_diagonal": float(off.mean()),
     }

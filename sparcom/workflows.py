@@ -15,8 +15,6 @@ from sparcom.data import Record
 from sparcom.drift import read_drift
 from sparcom.snapshot import Snapshot, SnapshotError, dataset_hash, snapshot_series
 
-REPORT = "report.html"
-
 # Training settings worth a place in a report's header, by their trainer.args name (the length of
 # the run is shown as what governed it: max_steps, or num_train_epochs when max_steps is -1).
 RUN_SETTINGS = ("learning_rate", "per_device_train_batch_size", "lr_scheduler_type")

@@ -20,8 +20,8 @@ import torch
 
 import sparcom
 from analyze import analyze
-from sparcom.ablation import zeroed
 from sparcom.cli import compose
+from sparcom.intervention import intervene
 from sparcom.metrics import jaccard
 from sparcom.models import load_model
 from sparcom.select import category_isn
@@ -337,7 +337,7 @@ def test_zeroing_neurons_equals_silencing_their_activations(small_records):
     ffn = {s: n for s, n in neurons.items() if snapshot.site_kinds[s] == "ffn"}
     ids = sparcom.conversation.encode(small_records[0], tokenizer).input_ids[None]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad(), zeroed(model, ffn, snapshot.site_kinds):
+    with torch.no_grad(), intervene(model, ffn, 0.0):
         edited = model(ids).logits
     modules = dict(model.named_modules())
     handles = [

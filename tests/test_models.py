@@ -140,7 +140,8 @@ def test_interventions_refuse_offloaded_weights(saved_exact_moe, small_records, 
     """Silencing neurons edits weights in place; on an offloaded module the edit would silently not
     apply (accelerate reloads the weights from its store), so it is refused, naming the site, and
     the ablation refuses before its long intact pass."""
-    from sparcom.ablation import ablation_matrices, zeroed
+    from sparcom.ablation import ablation_matrices
+    from sparcom.intervention import intervene
 
     model, tokenizer = load_model(
         str(saved_exact_moe), dtype="float64", device_map={"": "disk"}, offload_folder=tmp_path / "offload"
@@ -151,7 +152,7 @@ def test_interventions_refuse_offloaded_weights(saved_exact_moe, small_records, 
     refused = pytest.raises(
         ValueError, match=rf"intervening on {site} edits weights in place, but .* is offloaded"
     )
-    with refused, zeroed(model, neurons):
+    with refused, intervene(model, neurons, 0.0):
         pass
     passes = []
     model.register_forward_pre_hook(lambda *args: passes.append(1))
