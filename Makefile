@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench lint browser sft-fields clean
+.PHONY: demo test test-fast bench lint browser sft-fields clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: $(STAMP)
 
 test: $(STAMP) lint browser
 	$(PY) -m pytest -q
+
+# Everything but the tests marked slow (training runs, several processes, subprocess launches).
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -q -m "not slow"
 
 # The HTML report test renders in headless Chromium (Debian's package); it is skipped without it.
 browser:

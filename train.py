@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -19,7 +20,6 @@ from omegaconf import DictConfig, OmegaConf
 from sparcom import cli
 from sparcom.config import TrainConfig, to_object
 from sparcom.config_check import check, check_data, check_models_loadable
-from sparcom.drift import RunResult, run_result
 from sparcom.run_folder import Interrupted, check_resume, check_run_dir, latest_checkpoint, record_resume
 from sparcom.training import (
     Launch,
@@ -31,6 +31,9 @@ from sparcom.training import (
     start_wandb,
     summarise_wandb,
 )
+
+if TYPE_CHECKING:
+    from sparcom.drift import RunResult
 
 
 def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> RunResult | None:
@@ -57,6 +60,7 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> RunR
     )
 
     from callbacks import SparcomCallback  # only now: every input is checked; torch takes seconds
+    from sparcom.drift import run_result
     from sparcom.snapshot import check_continues
 
     resume = latest_checkpoint(run_dir) if cfg.resume is True else cfg.resume or None

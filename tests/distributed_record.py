@@ -8,7 +8,7 @@ import torch.distributed as dist
 import sparcom
 from sparcom.models import load_model
 
-from conftest import per_category
+from helpers.models import per_category
 
 if __name__ == "__main__":
     dist.init_process_group("gloo")

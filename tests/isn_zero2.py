@@ -13,7 +13,7 @@ from sparcom.isn_training import isn_only
 from sparcom.models import load_model
 from sparcom.training import sft_dataset
 
-from conftest import per_category
+from helpers.models import per_category
 
 ZERO2 = {
     "zero_optimization": {"stage": 2, "overlap_comm": False, "contiguous_gradients": True},

@@ -29,7 +29,7 @@ from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, snapshot
 from sparcom.stats import expected_jaccard
 from train import train
 
-from conftest import per_category
+from helpers.models import per_category
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium")
@@ -158,7 +158,7 @@ def test_an_epsilon_where_both_sets_are_empty_has_no_jaccard(tmp_path):
     from sparcom.comparison import compare
     from sparcom.report import write_comparison
 
-    from synthetic import draw, moe_sites, random_population
+    from helpers.synthetic import draw, moe_sites, random_population
 
     rng = np.random.default_rng(0)
     kinds, shapes, layers = moe_sites()

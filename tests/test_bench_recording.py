@@ -17,9 +17,10 @@ from sparcom.recorder import Recorder
 from sparcom.sites import gate_weight
 
 sys.path.insert(0, str(Path(__file__).parent / "bench"))
-import recording  # noqa: E402  (the bench is a folder of scripts, not a package)
 import scale  # noqa: E402
 from precision import decision_flips  # noqa: E402
+
+import recording  # noqa: E402  (the bench is a folder of scripts, not a package)
 
 
 def test_identical_models_flip_nothing_and_a_negated_gate_flips_every_token(small_records):

@@ -8,7 +8,7 @@ from callbacks import SparcomCallback
 from sparcom.models import load_model
 from sparcom.snapshot import snapshot_series
 
-from conftest import per_category, plain_trainer
+from helpers.models import per_category, plain_trainer
 
 
 @pytest.mark.slow

@@ -173,7 +173,7 @@ BAD_ANALYZE = [
     (["sweep_epsilons=[0.5,1.2]", "base=x", "tuned=y"], r"^sweep_epsilons\[1\]: 1\.2 is not a valid epsilon"),
     (
         ["epsilons=[0.5]"],
-        r"^epsilons: unknown key \(did you mean sparcom\.epsilons\?\); expected one of mode, run, base",
+        r"^epsilons: unknown key \(did you mean sparcom\.epsilons\?\); expected one of mode, run, sweep, base",
     ),
     (["probe.per_category=4"], r"^probe: unknown key \(did you mean sparcom\.probe\?\)"),
     (["base=tiny-lama", "tuned=y"], r"^base: 'tiny-lama' is not a tiny preset \(did you mean tiny-llama\?\)"),

@@ -12,7 +12,7 @@ import sparcom
 from sparcom.models import load_model
 from sparcom.snapshot import Snapshot
 
-from conftest import per_category, torchrun
+from helpers.models import per_category, torchrun
 
 HERE = Path(__file__).parent
 

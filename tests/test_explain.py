@@ -37,7 +37,7 @@ from sparcom.neuron_cards import card_html
 from sparcom.sites import ARCHITECTURES
 from sparcom.snapshot import Snapshot
 
-from conftest import exact_model, per_category
+from helpers.models import exact_model, per_category
 
 TOP = 5
 CHROMIUM = shutil.which("chromium")

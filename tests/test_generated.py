@@ -22,8 +22,8 @@ from sparcom.sites import ARCHITECTURES
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, generated_path, snapshot_series
 from sparcom.workflows import write_comparison
 
-from conftest import exact_model, per_category, plain_trainer, torchrun
-from reference import Reference
+from helpers.models import exact_model, per_category, plain_trainer, torchrun
+from helpers.reference import Reference
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = ["tiny-llama", "tiny-qwen2-moe"]  # a dense model and an MoE with shared experts

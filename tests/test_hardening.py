@@ -18,7 +18,7 @@ from sparcom.snapshot import Snapshot, snapshot_series
 from sparcom.training import wandb_mode
 from train import train
 
-from conftest import torchrun
+from helpers.models import torchrun
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).parent

@@ -15,7 +15,7 @@ from sparcom.intervention import intervene, neuron_sites, random_like, random_se
 from sparcom.models import load_model
 from sparcom.sites import architecture_of
 
-from conftest import exact_model, per_category
+from helpers.models import exact_model, per_category
 
 
 def same_bytes(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

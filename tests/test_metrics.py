@@ -147,7 +147,7 @@ def test_unique_isns_are_each_categorys_own_share_of_the_frequent_ones(mode):
 
     from sparcom.select import category_isns
 
-    from synthetic import draw, moe_sites, random_population
+    from helpers.synthetic import draw, moe_sites, random_population
 
     rng = np.random.default_rng(4)
     kinds, shapes, layers = moe_sites(layers=2)

@@ -14,7 +14,7 @@ from sparcom.models import TINY_PRESETS, load_model
 from sparcom.packaged import PACKAGED
 from sparcom.sites import ARCHITECTURES
 
-from conftest import exact_model
+from helpers.models import exact_model
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 

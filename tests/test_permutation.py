@@ -12,7 +12,7 @@ from sparcom.analysis import instruction_similarity
 from sparcom.metrics import category_block_means, pairwise_jaccard
 from sparcom.permutation import diagonal_dominance, holm, permutation_p_value, token_control
 
-from synthetic import draw, random_population, vocabulary_snapshot
+from helpers.synthetic import draw, random_population, vocabulary_snapshot
 
 CATEGORIES = ["a", "b", "c", "d", "e", "f"]
 DATASETS = 200

@@ -7,7 +7,6 @@ from functools import partial
 
 import pytest
 import torch
-from bench.held import count_bytes_at_fullest
 
 import sparcom
 from sparcom.host_rows import count_dtype
@@ -15,9 +14,10 @@ from sparcom.models import TINY_PRESETS, load_model
 from sparcom.recorder import Recorder, count_memory, exact_float
 from sparcom.sites import ARCHITECTURES, UnsupportedModelError, find_sites
 
-import conftest
-from conftest import exact_model
-from reference import Reference
+import helpers.models as conftest
+from bench.held import count_bytes_at_fullest
+from helpers.models import exact_model
+from helpers.reference import Reference
 
 PRESETS = sorted(TINY_PRESETS)
 

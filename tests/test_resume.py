@@ -19,8 +19,8 @@ from sparcom.models import load_model
 from sparcom.training import load_checkpoint_weights, resumable, sft_dataset
 from train import train
 
-from conftest import per_category
-from test_isn_training import random_mask
+from helpers.isn_masks import random_mask
+from helpers.models import per_category
 
 
 class WeightsAtResume(TrainerCallback):

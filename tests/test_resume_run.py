@@ -21,7 +21,7 @@ from sparcom.errors import ConfigError
 from sparcom.run_folder import flat, launch_overrides, record_resume, resume_changes, run_config
 from sparcom.snapshot import snapshot_series
 
-import wandb_log
+from helpers import wandb_log
 
 ROOT = Path(__file__).resolve().parents[1]
 

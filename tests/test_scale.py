@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from synthetic_shapes import LAYOUTS, random_snapshot
+from helpers.synthetic_shapes import LAYOUTS, random_snapshot
 
 HERE = Path(__file__).parent
 

@@ -33,7 +33,7 @@ from sparcom.select import (
 from sparcom.snapshot import Snapshot, SnapshotError
 from sparcom.stats import expected_jaccard, pearson_from_moments, phase_margin, three_segments
 
-from synthetic import Population, draw, moe_sites, random_population
+from helpers.synthetic import Population, draw, moe_sites, random_population
 
 MODES = ["threshold", "percentile_layer", "percentile_global"]
 CATEGORIES = ["code", "math"]

@@ -19,7 +19,7 @@ from sparcom.response_loss import ResponseLoss
 from sparcom.select import category_isn
 from sparcom.steer import COLUMNS, dose_response, held_out, write_dose_response
 
-from conftest import per_category
+from helpers.models import per_category
 
 EPSILON = 0.5
 

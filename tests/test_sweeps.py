@@ -17,7 +17,7 @@ import yaml
 from sparcom.cli import compose
 from sparcom.drift import read_drift, run_result
 
-import wandb_log
+from helpers import wandb_log
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["experiment=smoke", "trainer.args.max_steps=2", "trainer.args.save_steps=2"]

@@ -26,8 +26,8 @@ from sparcom.snapshot import Snapshot, snapshot_series
 from sparcom.training import Launch
 from train import train
 
-from conftest import torchrun
-from wandb_log import artifacts, config, history, run, run_file, summary
+from helpers.models import torchrun
+from helpers.wandb_log import artifacts, config, history, run, run_file, summary
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["experiment=smoke", "sparcom.epsilons=[0.3,0.5]"]
@@ -253,7 +253,7 @@ def test_lora_run_records_the_adapted_model(tmp_path):
 def test_isn_only_run_trains_the_base_models_isns_and_nothing_else(tmp_path):
     from safetensors.torch import load_file
 
-    from test_isn_training import assert_only_isns_moved, entries_of
+    from helpers.isn_masks import assert_only_isns_moved, entries_of
 
     run_dir = train(
         compose("train", [*SMOKE, "trainer=isn", "trainer.isn.epsilon=0.7"]), tmp_path / "run"
@@ -280,7 +280,7 @@ def test_isn_training_against_its_matched_random_control(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from test_isn_training import assert_only_isns_moved
+    from helpers.isn_masks import assert_only_isns_moved
 
     run_dir = train(
         compose("train", [*SMOKE, "trainer=isn", "trainer.isn.control=random", "trainer.isn.control_seed=3"]),

@@ -22,7 +22,7 @@ TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
-from synthetic_shapes import LAYOUTS, random_snapshot  # noqa: E402 - the tests folder is not a package
+from helpers.synthetic_shapes import LAYOUTS, random_snapshot  # noqa: E402 - the tests folder is not a package
 
 
 def snapshots(name: str, cache: Path, instructions: int, width: float) -> tuple[Path, Path]:

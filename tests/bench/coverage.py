@@ -30,7 +30,7 @@ from sparcom.metrics import (
 from sparcom.resampling import paired_bootstrap, resample_pass  # noqa: E402
 from sparcom.select import isn  # noqa: E402
 
-from synthetic import Population, draw  # noqa: E402 (path set above)
+from helpers.synthetic import Population, draw  # noqa: E402 (path set above)
 
 SITES = 4
 # name: (mode, epsilon, per_category, neurons, spread, shift, beta a, beta b)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from recording import BATCH, MODELS, bare_forward, probe_records, ratio, side_by_side
 
 import sparcom
 from sparcom.conversation import encode
@@ -22,6 +21,8 @@ from sparcom.explain import most_specific, top_activations
 from sparcom.generation import greedy_continuations
 from sparcom.models import build_tiny
 from sparcom.recorder import inference_mode
+
+from recording import BATCH, MODELS, bare_forward, probe_records, ratio, side_by_side
 
 PER_CATEGORY_NEURONS = 20
 TOP = 10

@@ -65,8 +65,6 @@ def run_one(arm: str, seed: int, steps: int) -> dict:
     """One arm, in this process: train.py's trainer with a step clock; the numbers from its drift record."""
     import copy
 
-    from training import StepTimer
-
     import train as entry
     from sparcom.cli import compose
     from sparcom.config_check import check_data
@@ -76,6 +74,8 @@ def run_one(arm: str, seed: int, steps: int) -> dict:
     from sparcom.probe import record
     from sparcom.stats import expected_jaccard
     from sparcom.training import run_records
+
+    from training import StepTimer
 
     overrides = [*COMMON, *ARMS[arm], f"trainer.args.max_steps={steps}", f"seed={seed}"]
     if "random" in arm:

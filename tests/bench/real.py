@@ -15,8 +15,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from recording import ratio, side_by_side
-from training import StepTimer
 
 import sparcom
 from callbacks import SparcomCallback
@@ -25,6 +23,9 @@ from sparcom.data import load_records
 from sparcom.models import load_model
 from sparcom.probe import length_bucketed, pad_batch
 from sparcom.training import probe_set, run_records, sft_dataset
+
+from recording import ratio, side_by_side
+from training import StepTimer
 
 PRESET = "smollm2-135m-instruct"
 BATCH = 16

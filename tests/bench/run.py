@@ -25,12 +25,12 @@ import analysis_scale
 import explorer
 import isn_vs_lora
 import real
-import recording
 import scale
 import torch
-import training
 
-from synthetic_shapes import LAYOUTS
+import recording
+import training
+from helpers.synthetic_shapes import LAYOUTS
 
 SECTIONS = ("recording", "training", "real", "scale", "analysis", "statistics", "isn", "explain", "coverage")
 DEFAULT = SECTIONS[:-1]

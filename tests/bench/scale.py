@@ -15,15 +15,16 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from held import count_bytes_at_fullest
 from precision import decision_flips
-from recording import BATCH, bare_forward, probe_records, side_by_side, sparcom_record
 
 import sparcom
 from sparcom.conversation import encode
 from sparcom.models import tiny_tokenizer
 from sparcom.recorder import count_memory
 from sparcom.sites import find_sites
+
+from held import count_bytes_at_fullest
+from recording import BATCH, bare_forward, probe_records, side_by_side, sparcom_record
 
 # model_type, the config of the full model (its real depth), and how many layers the bench builds.
 SHAPES = {

@@ -29,7 +29,7 @@ from sparcom.permutation import diagonal_dominance, token_control  # noqa: E402
 from sparcom.resampling import paired_bootstrap, sampling_stability  # noqa: E402
 from sparcom.stats import expected_jaccard  # noqa: E402
 
-from synthetic import Population, assemble, draw, moe_sites  # noqa: E402 (path set above)
+from helpers.synthetic import Population, assemble, draw, moe_sites  # noqa: E402 (path set above)
 
 EPSILONS = [0.3, 0.5, 0.7]  # conf/sparcom/default.yaml
 CATEGORIES = ["classification", "code", "general_qa", "generation", "math", "summarization"]
