@@ -237,10 +237,13 @@ def main(cfg: DictConfig) -> float | None:
     result = train(typed, cli.run_dir(), cli.launch())
     if result is None:
         return None
-    value = result.objective(typed.objective)
-    print(
-        f"run folder: {result.run_dir}  (config.yaml, checkpoint-*/, snapshots/, wandb/); {typed.objective} = {value:.4f}"
-    )
+    print(f"run folder: {result.run_dir}  (config.yaml, checkpoint-*/, snapshots/, wandb/)")
+    try:
+        value = result.objective(typed.objective)
+    except KeyError:  # the held-out loss of a run with data.held_out=0
+        print(f"objective {typed.objective}: not measured by this run (data.held_out={typed.data.held_out})")
+        return None
+    print(f"objective {typed.objective} = {value:.4f}")
     return value
 
 
