@@ -21,8 +21,8 @@ import hydra
 from omegaconf import DictConfig
 
 from sparcom import cli
-from sparcom.config import AnalyzeConfig, PairConfig, model_preset, to_object
-from sparcom.config_check import check, check_data, check_models_loadable
+from sparcom.config import AnalyzeConfig, PairConfig, model_preset
+from sparcom.config_check import check, check_data, check_models_loadable, to_object
 
 
 @dataclass

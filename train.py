@@ -18,8 +18,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from sparcom import cli
-from sparcom.config import TrainConfig, to_object
-from sparcom.config_check import check, check_data, check_models_loadable
+from sparcom.config import TrainConfig
+from sparcom.config_check import check, check_data, check_models_loadable, to_object
 from sparcom.run_folder import Interrupted, check_resume, check_run_dir, latest_checkpoint, record_resume
 from sparcom.training import (
     Launch,

@@ -2,7 +2,8 @@
 
 import importlib
 
-__version__ = "0.1.0"
+from sparcom.version import __version__
+
 __all__ = ["Snapshot", "__version__", "intervene", "record"]
 
 

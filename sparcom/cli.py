@@ -17,7 +17,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict, read_write
 
-from sparcom.config import CONF, AnalyzeConfig, TrainConfig, register, to_object
+from sparcom.config import CONF, AnalyzeConfig, TrainConfig, register
+from sparcom.config_check import to_object
 from sparcom.config_errors import one_line
 from sparcom.errors import ConfigError
 from sparcom.run_folder import check_resume, check_run_dir, check_writable

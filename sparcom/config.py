@@ -2,21 +2,20 @@
 
 Torch-free, so a config is type-checked and validated before anything heavy is imported. Both
 entry points spell the shared settings the same way (``sparcom.epsilons``,
-``sparcom.probe.per_category``, ...). ``to_object`` turns a composed config into these dataclasses
-and runs the checks that types cannot express (``sparcom.config_check``).
+``sparcom.probe.per_category``, ...). The schema imports no checks: ``sparcom.config_check.to_object``
+turns a composed config into these dataclasses and runs the rules that types cannot express.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 from dataclasses import dataclass, field, make_dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from sparcom.data import CATEGORIES
 from sparcom.sft_fields import load_sft_fields
@@ -524,22 +523,6 @@ def register() -> None:
         ConfigStore.instance().store(name=f"{name}_schema", node=schema)
 
 
-def to_object(cfg: DictConfig) -> TrainConfig | AnalyzeConfig:
-    """The typed config of a composed one, checked: raises ``ConfigError`` (one line) on any
-    value that the types or the rules of ``sparcom.config_check`` refuse. Enum-typed fields come
-    back as plain strings, as the library takes them."""
-    from sparcom.config_check import check
-    from sparcom.config_errors import check_keys, one_line
-
-    check_keys(cfg)
-    try:
-        typed = OmegaConf.to_object(cfg)
-    except Exception as err:  # OmegaConf's errors span lines and lack what is accepted
-        raise one_line(err) from err
-    check(typed)
-    return _plain_strings(typed)
-
-
 def model_preset(spec: str) -> dict:
     """A model spec: a ``conf/model`` preset by name (``name_or_path``, ``dtype``,
     ``chat_template_from``), or a path / hub id as it is."""
@@ -557,14 +540,3 @@ def as_plain(cfg: TrainConfig | AnalyzeConfig) -> dict:
     import yaml
 
     return yaml.safe_load(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-
-
-def _plain_strings(value):
-    if isinstance(value, StrEnum):
-        return str(value)
-    if isinstance(value, list):
-        return [_plain_strings(item) for item in value]
-    if dataclasses.is_dataclass(value):
-        for item in dataclasses.fields(value):
-            setattr(value, item.name, _plain_strings(getattr(value, item.name)))
-    return value

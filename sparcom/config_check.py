@@ -5,6 +5,8 @@ line: ``<key>: <value> ...; expected ...``.
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from sparcom.errors import ConfigError, closest
 
 if TYPE_CHECKING:
+    from omegaconf import DictConfig
+
     from sparcom.config import AnalyzeConfig, SparcomConfig, TrainConfig
 
 
@@ -473,3 +477,34 @@ def check_probe_fits(
             raise ConfigError(
                 f"{key}: {per_category} is more than the {available} {category} {what}; expected at most {available}"
             )
+
+
+# ----------------------------------------------------------------------------- composed configs
+
+
+def to_object(cfg: DictConfig) -> TrainConfig | AnalyzeConfig:
+    """The typed config of a composed one, checked: raises ``ConfigError`` (one line) on any
+    value that the types or the rules of ``sparcom.config_check`` refuse. Enum-typed fields come
+    back as plain strings, as the library takes them."""
+    from omegaconf import OmegaConf
+
+    from sparcom.config_errors import check_keys, one_line
+
+    check_keys(cfg)
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except Exception as err:  # OmegaConf's errors span lines and lack what is accepted
+        raise one_line(err) from err
+    check(typed)
+    return _plain_strings(typed)
+
+
+def _plain_strings(value):
+    if isinstance(value, enum.StrEnum):
+        return str(value)
+    if isinstance(value, list):
+        return [_plain_strings(item) for item in value]
+    if dataclasses.is_dataclass(value):
+        for item in dataclasses.fields(value):
+            setattr(value, item.name, _plain_strings(getattr(value, item.name)))
+    return value

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparcom import __version__
 from sparcom.conversation import TOKEN_SCOPES, Encoded, continued, encode
 from sparcom.data import CATEGORIES, Record
 from sparcom.generation import greedy_continuations
@@ -22,6 +21,7 @@ from sparcom.placement import input_device, rank_and_world
 from sparcom.recorder import Recorder, inference_mode
 from sparcom.sites import unwrap
 from sparcom.snapshot import Snapshot, dataset_hash
+from sparcom.version import __version__
 
 
 def length_bucketed(lengths: Sequence[int], batch_size: int) -> list[list[int]]:

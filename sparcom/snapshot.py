@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from sparcom import tensorfile
+import sparcom.tensorfile as tensorfile
 from sparcom.data import CATEGORIES
 
 FORMAT = "sparcom-snapshot-2"

@@ -1,19 +1,17 @@
 """Steering: scale each category's ISNs and measure the response loss on every category, against
 random-neuron controls with the same per-site counts, scaled alike.
 
-The one measurement behind both steering (a dose-response over scales) and the causal check of
-``sparcom.ablation`` (scale 0): ``loss_changes``. Each control is a distribution: ``control_draws``
-seeded random sets per steered category, the same sets at every scale, so a control curve is as
-smooth as the ISN curve it is compared with.
+The measurement is ``sparcom.edit_effects.loss_changes``, shared with the causal check of
+``sparcom.ablation`` (scale 0). Each control is a distribution: ``control_draws`` seeded random sets
+per steered category, the same sets at every scale, so a control curve is as smooth as the ISN
+curve it is compared with.
 """
 
 from __future__ import annotations
 
 import csv
-import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,94 +19,13 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from sparcom.data import Record
-from sparcom.intervention import check_editable, check_neurons, intervene, neuron_sites, random_sets
+from sparcom.edit_effects import LossChanges, check_scales, loss_changes
 from sparcom.response_loss import ResponseLoss
-from sparcom.select import NeuronSet, category_isns
+from sparcom.select import category_isns
 from sparcom.snapshot import Snapshot
 
 DEFAULT_SCALES = (0.0, 0.5, 1.5, 2.0, 3.0)
 COLUMNS = ("steered", "evaluated", "scale", "loss_delta", "control_mean", "control_sd", "z")
-
-
-@dataclass(frozen=True)
-class LossChanges:
-    """Response-loss changes under scaled neurons.
-
-    Attributes:
-        steered: the neuron sets' names (rows), e.g. categories whose ISNs are scaled.
-        evaluated: the categories the loss is measured on (columns).
-        scales: the scales applied.
-        intact: ``[C]`` loss of the unchanged model.
-        delta: ``[S, R, C]`` loss with set ``r`` scaled by ``scales[s]``, minus ``intact``.
-        control: ``[S, D, R, C]`` the same for each of ``D`` random sets with set ``r``'s per-site counts.
-        neurons: the size of each set.
-    """
-
-    steered: list[str]
-    evaluated: list[str]
-    scales: list[float]
-    intact: torch.Tensor
-    delta: torch.Tensor
-    control: torch.Tensor
-    neurons: list[int]
-
-
-def check_scales(scales: Sequence[float]) -> list[float]:
-    bad = [s for s in scales if isinstance(s, bool) or not isinstance(s, int | float) or not math.isfinite(s)]
-    if not scales or bad:
-        raise ValueError(f"scales must be a non-empty list of finite numbers, got {list(scales)!r}")
-    return [float(s) for s in scales]
-
-
-def loss_changes(
-    model: nn.Module,
-    loss: ResponseLoss,
-    neuron_sets: dict[str, NeuronSet],
-    scales: Sequence[float],
-    control_draws: int = 10,
-    seed: int = 0,
-    progress: bool = True,
-) -> LossChanges:
-    """Scale each set, and each of its random controls, by every scale; measure the loss change.
-
-    Costs ``1 + len(neuron_sets) * len(scales != 1) * (1 + control_draws)`` passes of ``loss``: a
-    scale of 1 changes nothing, so its changes are 0 without a pass. Each pass is a forward over
-    the records (the time goes there: ``make bench``, section ``edits``); a progress bar names the
-    set, the scale and the draw.
-    """
-    from tqdm.auto import tqdm
-
-    scales = check_scales(scales)
-    sites = neuron_sites(model)
-    for neurons in neuron_sets.values():
-        check_neurons(neurons, sites)
-        check_editable(model, neurons)  # before the intact pass, not after it
-    generator = torch.Generator().manual_seed(seed)
-    draws = {name: random_sets(neurons, control_draws, generator) for name, neurons in neuron_sets.items()}
-    intact = loss(model)
-    rows, columns = len(neuron_sets), len(loss.categories)
-    delta = torch.zeros(len(scales), rows, columns, dtype=torch.float64)
-    control = torch.zeros(len(scales), control_draws, rows, columns, dtype=torch.float64)
-    passes = len(neuron_sets) * sum(s != 1 for s in scales) * (1 + control_draws)
-    bar = tqdm(total=passes, desc="edited passes", unit="pass", disable=not progress)
-    for row, (name, neurons) in enumerate(neuron_sets.items()):
-        for index, scale in enumerate(scales):
-            if scale == 1:
-                continue
-            for draw, edited in enumerate([neurons, *draws[name]]):
-                bar.set_postfix_str(
-                    f"{name}, scale {scale:g}, " + ("its ISNs" if draw == 0 else f"control {draw}")
-                )
-                with intervene(model, edited, scale):
-                    changed = loss(model) - intact
-                if draw == 0:
-                    delta[index, row] = changed
-                else:
-                    control[index, draw - 1, row] = changed
-                bar.update()
-    bar.close()
-    sizes = [int(sum(int(chosen.sum()) for chosen in s.values())) for s in neuron_sets.values()]
-    return LossChanges(list(neuron_sets), list(loss.categories), scales, intact, delta, control, sizes)
 
 
 def held_out(records: Sequence[Record], snapshot: Snapshot, per_category: int, seed: int = 0) -> list[Record]:
@@ -153,7 +70,7 @@ def dose_response(
 def dose_response_rows(changes: LossChanges) -> list[dict]:
     """One row per (steered, evaluated, scale), in that order, with the change's z-score against its
     random-neuron draws."""
-    from sparcom.ablation import z_scores
+    from sparcom.edit_effects import z_scores
 
     mean, sd = changes.control.mean(1), changes.control.std(1)  # over draws: [S, R, C]
     z = z_scores(changes.delta, changes.control)  # [S, R, C]
@@ -175,9 +92,9 @@ def dose_response_rows(changes: LossChanges) -> list[dict]:
 
 def steering_dominance(rows: list[dict], draws: int, alpha: float = 0.05) -> dict[float, dict]:
     """Scale -> whether the steered category's own loss moves beyond its control further than any
-    other category's does (``sparcom.ablation.dominance``, two-sided: amplifying may lower a loss as
+    other category's does (``sparcom.edit_effects.dominance``, two-sided: amplifying may lower a loss as
     well as raise it); scale 1 changes nothing and is left out."""
-    from sparcom.ablation import dominance
+    from sparcom.edit_effects import dominance
 
     steered = list(dict.fromkeys(row["steered"] for row in rows))
     evaluated = list(dict.fromkeys(row["evaluated"] for row in rows))
