@@ -157,7 +157,7 @@ def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
 
 def edits(cfg: AnalyzeConfig, settings):
     """The ablation's or steering's settings (``cfg.ablate`` or ``cfg.steer``) as ``Edits``."""
-    from sparcom.workflows import Edits
+    from sparcom.edit_effects import Edits
 
     return Edits(
         epsilon=settings.epsilon,

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from sparcom.data import Record
-from sparcom.edit_effects import dominance, loss_changes, null_bound, z_scores
+from sparcom.edit_effects import Edits, dominance, loss_changes, null_bound, z_scores
 from sparcom.response_loss import ResponseLoss
 from sparcom.select import category_isns
 from sparcom.snapshot import Snapshot
@@ -23,16 +23,13 @@ def ablation_matrices(
     tokenizer,
     records: Sequence[Record],
     snapshot: Snapshot,
-    epsilon: float,
-    mode: str = "threshold",
-    seed: int = 0,
-    batch_size: int = 8,
-    control_draws: int = 10,
+    edits: Edits | None = None,
+    *,
     alpha: float = 0.05,
     max_length: int | None = None,
-    isn_set: str = "frequent",
 ) -> dict:
-    """Loss changes with each category's ISNs zeroed, and their null.
+    """Loss changes with each category's ISNs (``edits``: which, and the null's draws) zeroed, and
+    their null.
 
     Returns:
         ``delta``: ``[C, C]``, entry ``[a, b]`` the response loss on category ``b`` with category
@@ -42,11 +39,12 @@ def ablation_matrices(
         the draws; ``dominance``: the verdict (see ``dominance``); ``intact``: ``[C]``;
         ``neurons``: the ISN count of each category.
     """
-    null_bound(control_draws, alpha)  # refuse a bad alpha or draw count before the long passes
+    edits = edits or Edits()
+    null_bound(edits.control_draws, alpha)  # refuse a bad alpha or draw count before the long passes
     categories = snapshot.categories
-    sets = category_isns(snapshot, epsilon, mode, isn_set)
-    loss = ResponseLoss(tokenizer, records, categories, batch_size, max_length)
-    changes = loss_changes(model, loss, sets, [0.0], control_draws, seed)
+    sets = category_isns(snapshot, edits.epsilon, edits.selection_mode, edits.isn_set)
+    loss = ResponseLoss(tokenizer, records, categories, edits.batch_size, max_length)
+    changes = loss_changes(model, loss, sets, [0.0], edits.control_draws, edits.seed)
     delta, draws = changes.delta[0], changes.control[0]
     z = z_scores(delta, draws)
     return {
@@ -55,7 +53,7 @@ def ablation_matrices(
         "control_sd": draws.std(0),
         "control_draws": draws,
         "z": z,
-        "dominance": dominance(z, control_draws, alpha),
+        "dominance": dominance(z, edits.control_draws, alpha),
         "intact": changes.intact,
         "neurons": changes.neurons,
     }

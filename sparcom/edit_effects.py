@@ -24,6 +24,29 @@ from sparcom.select import NeuronSet
 
 
 @dataclass(frozen=True)
+class Edits:
+    """Which neurons ablation and steering edit, on what they are evaluated, against what null.
+
+    Attributes:
+        epsilon: the ISNs edited are selected on the snapshot at this epsilon...
+        selection_mode: ...in this selection mode...
+        isn_set: ...and are frequent (the paper's ISNs) or unique (in no other category's set).
+        per_category: held-out instructions evaluated per category.
+        seed: which held-out instructions, and the control's random neurons.
+        batch_size: conversations per forward pass.
+        control_draws: random-neuron sets with each edited set's counts per site and expert: the null.
+    """
+
+    epsilon: float = 0.5
+    selection_mode: str = "threshold"
+    isn_set: str = "frequent"
+    per_category: int = 20
+    seed: int = 0
+    batch_size: int = 8
+    control_draws: int = 10
+
+
+@dataclass(frozen=True)
 class LossChanges:
     """Response-loss changes under scaled neurons.
 

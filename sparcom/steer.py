@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from sparcom.data import Record
-from sparcom.edit_effects import LossChanges, check_scales, loss_changes
+from sparcom.edit_effects import Edits, LossChanges, check_scales, loss_changes
 from sparcom.response_loss import ResponseLoss
 from sparcom.select import category_isns
 from sparcom.snapshot import Snapshot
@@ -49,22 +49,19 @@ def dose_response(
     tokenizer,
     records: Sequence[Record],
     snapshot: Snapshot,
-    epsilon: float,
-    selection_mode: str = "threshold",
+    edits: Edits | None = None,
     scales: Sequence[float] = DEFAULT_SCALES,
-    control_draws: int = 10,
-    seed: int = 0,
-    batch_size: int = 8,
+    *,
     max_length: int | None = None,
-    isn_set: str = "frequent",
 ) -> list[dict]:
-    """For each category's ISNs (selected from ``snapshot``) and each scale, the loss change on every
-    category's ``records`` (held-out instructions: see ``held_out``), with the random-neuron control's
-    mean and standard deviation over ``control_draws`` draws. Rows have the keys of ``COLUMNS``."""
-    scales = check_scales(scales)
-    sets = category_isns(snapshot, epsilon, selection_mode, isn_set)
-    loss = ResponseLoss(tokenizer, records, snapshot.categories, batch_size, max_length)
-    return dose_response_rows(loss_changes(model, loss, sets, scales, control_draws, seed))
+    """For each category's ISNs (selected from ``snapshot`` as ``edits`` says) and each scale, the
+    loss change on every category's ``records`` (held-out instructions: see ``held_out``), with the
+    random-neuron control's mean and standard deviation over ``edits.control_draws`` draws. Rows
+    have the keys of ``COLUMNS``."""
+    scales, edits = check_scales(scales), edits or Edits()
+    sets = category_isns(snapshot, edits.epsilon, edits.selection_mode, edits.isn_set)
+    loss = ResponseLoss(tokenizer, records, snapshot.categories, edits.batch_size, max_length)
+    return dose_response_rows(loss_changes(model, loss, sets, scales, edits.control_draws, edits.seed))
 
 
 def dose_response_rows(changes: LossChanges) -> list[dict]:

@@ -13,6 +13,7 @@ from sparcom.analysis import token_similarity
 from sparcom.comparison import Statistics, compare
 from sparcom.data import Record
 from sparcom.drift import read_drift
+from sparcom.edit_effects import Edits
 from sparcom.snapshot import Snapshot, SnapshotError, dataset_hash, snapshot_series
 
 # Training settings worth a place in a report's header, by their trainer.args name (the length of
@@ -188,19 +189,6 @@ def write_comparison(
     return report.write_comparison(comparison, out)
 
 
-@dataclass(frozen=True)
-class Edits:
-    """Which neurons ablation and steering edit, on what they are evaluated, against what null."""
-
-    epsilon: float  # the ISNs edited: selected on the snapshot at this epsilon
-    selection_mode: str
-    per_category: int  # held-out instructions evaluated per category
-    seed: int
-    batch_size: int
-    control_draws: int  # random-neuron sets of the same per-site counts, the null
-    isn_set: str = "frequent"  # frequent (the paper's ISNs) or unique (in no other category's set)
-
-
 def _edited(model_spec: dict, snapshot: Snapshot, records: list[Record], edits: Edits, dtype, placement):
     """The model to edit and the held-out instructions it is evaluated on."""
     from sparcom.steer import held_out
@@ -225,18 +213,7 @@ def write_ablation(
 
     model, tokenizer, evaluated = _edited(model_spec, snapshot, records, edits, dtype, placement)
     e = edits
-    result = ablation_matrices(
-        model,
-        tokenizer,
-        evaluated,
-        snapshot,
-        e.epsilon,
-        e.selection_mode,
-        e.seed,
-        e.batch_size,
-        e.control_draws,
-        isn_set=e.isn_set,
-    )
+    result = ablation_matrices(model, tokenizer, evaluated, snapshot, e)
     return report.write_ablation(
         result,
         snapshot.categories,
@@ -274,19 +251,7 @@ def write_steering(
 
     model, tokenizer, evaluated = _edited(model_spec, snapshot, records, edits, dtype, placement)
     e = edits
-    rows = dose_response(
-        model,
-        tokenizer,
-        evaluated,
-        snapshot,
-        e.epsilon,
-        e.selection_mode,
-        scales,
-        e.control_draws,
-        e.seed,
-        e.batch_size,
-        isn_set=e.isn_set,
-    )
+    rows = dose_response(model, tokenizer, evaluated, snapshot, e, scales)
     written = write_dose_response(rows, out)
     return report.write_steering(
         rows,

@@ -141,6 +141,7 @@ def test_interventions_refuse_offloaded_weights(saved_exact_moe, small_records, 
     apply (accelerate reloads the weights from its store), so it is refused, naming the site, and
     the ablation refuses before its long intact pass."""
     from sparcom.ablation import ablation_matrices
+    from sparcom.edit_effects import Edits
     from sparcom.intervention import intervene
 
     model, tokenizer = load_model(
@@ -157,7 +158,7 @@ def test_interventions_refuse_offloaded_weights(saved_exact_moe, small_records, 
     passes = []
     model.register_forward_pre_hook(lambda *args: passes.append(1))
     with pytest.raises(ValueError, match="is offloaded"):
-        ablation_matrices(model, tokenizer, small_records, snapshot, epsilon=0.5)
+        ablation_matrices(model, tokenizer, small_records, snapshot, Edits(epsilon=0.5))
     assert not passes  # refused before any forward
 
 

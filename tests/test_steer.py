@@ -13,6 +13,7 @@ import sparcom
 from sparcom.ablation import ablation_matrices
 from sparcom.conversation import encode
 from sparcom.data import CATEGORIES
+from sparcom.edit_effects import Edits
 from sparcom.intervention import random_sets
 from sparcom.models import load_model
 from sparcom.response_loss import ResponseLoss
@@ -73,7 +74,7 @@ def test_response_loss_equals_the_models_own_loss(tiny):
 
 def test_ablation_on_a_tiny_model_against_a_hand_computation(tiny):
     model, tokenizer, snapshot, unseen = tiny
-    result = ablation_matrices(model, tokenizer, unseen, snapshot, EPSILON, seed=7, control_draws=10)
+    result = ablation_matrices(model, tokenizer, unseen, snapshot, Edits(EPSILON, seed=7, control_draws=10))
     assert result["delta"].shape == result["z"].shape == result["control"].shape == (6, 6)
     assert result["control_draws"].shape == (10, 6, 6)
     intact = hf_response_loss(model, tokenizer, unseen)  # one record per category, in category order
@@ -101,7 +102,7 @@ def test_ablation_on_a_tiny_model_against_a_hand_computation(tiny):
 def test_dose_response_writes_the_table_and_figures(tiny, tmp_path):
     model, tokenizer, snapshot, unseen = tiny
     scales = [0.0, 1.0, 2.0]
-    rows = dose_response(model, tokenizer, unseen, snapshot, EPSILON, scales=scales, control_draws=2, seed=3)
+    rows = dose_response(model, tokenizer, unseen, snapshot, Edits(EPSILON, control_draws=2, seed=3), scales)
     assert len(rows) == 6 * 6 * 3 and all(tuple(row) == COLUMNS for row in rows)
     unchanged = [row for row in rows if row["scale"] == 1.0]
     assert all(row["loss_delta"] == row["control_mean"] == row["control_sd"] == 0.0 for row in unchanged)
@@ -130,11 +131,11 @@ def test_bad_steering_settings_are_refused_before_any_forward(tiny):
     with pytest.raises(
         ValueError, match=r"scales must be a non-empty list of finite numbers, got \[0, inf\]"
     ):
-        dose_response(None, tokenizer, unseen, snapshot, EPSILON, scales=[0, float("inf")])
+        dose_response(None, tokenizer, unseen, snapshot, Edits(EPSILON), [0, float("inf")])
     with pytest.raises(ValueError, match="control_draws must be an integer >= 2.*got 1"):
-        dose_response(model, tokenizer, unseen, snapshot, EPSILON, control_draws=1)
+        dose_response(model, tokenizer, unseen, snapshot, Edits(EPSILON, control_draws=1))
     with pytest.raises(ValueError, match=r"epsilon must be in \(0, 1\], got 2"):
-        dose_response(model, tokenizer, unseen, snapshot, 2)
+        dose_response(model, tokenizer, unseen, snapshot, Edits(2))
 
 
 def test_held_out_prefers_unseen_records(tiny):
