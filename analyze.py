@@ -123,35 +123,24 @@ def recorded(cfg: AnalyzeConfig, side, records):
 
 
 def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
-    from sparcom.comparison import Statistics
-    from sparcom.workflows import tokenizer_for, write_comparison
+    from sparcom.comparison import Selection, Statistics
+    from sparcom.workflows import write_comparison
 
     base, tuned = recorded(cfg, item.base, records), recorded(cfg, item.tuned, records)
     spec = item.run.model if item.run else item.model or (item.base if isinstance(item.base, dict) else None)
-    try:
-        tokenizer, missing = tokenizer_for(spec, base), None
-    except (OSError, ValueError) as err:  # a hub tokenizer offline: the report says so
-        tokenizer, missing = (
-            None,
-            f"no tokenizer for {spec['name_or_path'] if spec else base.meta.get('model')} ({err})",
-        )
     s, st = cfg.sparcom, cfg.stats
-    statistics = Statistics(st.resamples, st.permutations, st.splits, st.seed) if st.enabled else None
     return write_comparison(
         out,
         base,
         tuned,
-        item.labels,
         records=records,
-        tokenizer=tokenizer,
-        tokenizer_missing=missing,
-        epsilons=s.epsilons,
-        selection_mode=s.selection_mode,
-        overlap_epsilon=s.overlap_epsilon,
-        sweep_epsilons=cfg.sweep_epsilons,
-        statistics=statistics,
-        drift=item.run.drift() if item.run else None,
-        run_settings=item.run.settings if item.run else None,
+        selection=Selection(
+            tuple(s.epsilons), s.selection_mode, s.overlap_epsilon, tuple(cfg.sweep_epsilons)
+        ),
+        statistics=Statistics(st.resamples, st.permutations, st.splits, st.seed) if st.enabled else None,
+        labels=item.labels,
+        spec=spec,
+        run=item.run,
     )
 
 

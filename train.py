@@ -202,17 +202,7 @@ def isn_setup(cfg: TrainConfig, model, tokenizer, probe, run_dir: Path, rank: in
             step=0,
         )
         selection = snapshot
-    setup = isn_only(
-        model,
-        selection,
-        run_dir if rank == 0 else None,
-        isn.epsilon,
-        isn.categories,
-        isn.selection_mode,
-        isn.isn_set,
-        isn.control,
-        isn.control_seed,
-    )
+    setup = isn_only(model, selection, run_dir if rank == 0 else None, isn)
     if rank == 0:
         print(setup)
         log_settings(

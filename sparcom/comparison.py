@@ -218,6 +218,18 @@ def describe(snapshot: Snapshot, label: str) -> Side:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """How ISNs are selected for a comparison: ``epsilons`` (the alteration table's columns),
+    ``mode``, ``overlap_epsilon`` (overlap matrices, layer profiles, general and unique counts) and
+    ``sweep_epsilons`` (the Jaccard-vs-epsilon curves, from the stored counts)."""
+
+    epsilons: tuple[float, ...] = (0.3, 0.5, 0.7)
+    mode: str = "threshold"
+    overlap_epsilon: float = 0.5
+    sweep_epsilons: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+
+
+@dataclass(frozen=True)
 class Statistics:
     """How the intervals and tests are computed (``None`` in ``compare``: not at all)."""
 
@@ -231,17 +243,15 @@ def compare(
     base: Snapshot,
     tuned: Snapshot,
     *,
-    labels: tuple[str, str],
-    epsilons: Sequence[float],
-    selection_mode: str,
-    overlap_epsilon: float,
-    sweep_epsilons: Sequence[float],
+    labels: tuple[str, str] = ("base", "tuned"),
+    selection: Selection | None = None,
     statistics: Statistics | None = Statistics(),
     token_similarity: torch.Tensor | None = None,
     drift: list[DriftPoint] | None = None,
     run: dict | None = None,
 ) -> Comparison:
-    """Compare two snapshots of the same probe set: every table, matrix, profile and test of the report.
+    """Compare two snapshots of the same probe set: every table, matrix, profile and test of the report
+    (ISNs selected as ``selection`` says; default ``Selection()``).
 
     ``token_similarity``: ``[N, N]`` Jaccard of the instructions' token sets (base order), for
     the vocabulary-overlap control; ``drift``: the run's recorded drift, if any. Intervals and
@@ -249,6 +259,9 @@ def compare(
     are empty and ``notes`` says why.
     """
     check_comparable(base, tuned)
+    chosen = selection or Selection()
+    epsilons, selection_mode = list(chosen.epsilons), chosen.mode
+    overlap_epsilon, sweep_epsilons = chosen.overlap_epsilon, list(chosen.sweep_epsilons)
     categories = list(base.categories)
     tallies = analysis.category_tallies(
         [base, tuned], [*epsilons, *sweep_epsilons, overlap_epsilon], selection_mode

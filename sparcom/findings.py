@@ -105,7 +105,7 @@ def _uniqueness(c: Comparison) -> str:
         significant = [k for k, t in base.per_category.items() if t.p_holm < ALPHA]
         text += (
             f"; over the whole matrix the diagonal exceeds the off-diagonal by {base.diagonal_dominance.statistic:.3f} "
-            f"(permutation p = {base.diagonal_dominance.p_value:.3g}), and "
+            f"(permutation {_p(base.diagonal_dominance.p_value, c)}), and "
             + (
                 f"{len(significant)} of {len(c.categories)} categories are specific after Holm correction "
                 f"({', '.join(significant)})"
@@ -116,6 +116,14 @@ def _uniqueness(c: Comparison) -> str:
     else:
         text += " (no test: statistics off)"
     return text + f" (paper: strongest for {', '.join(PAPER_UNIQUE)})."
+
+
+def _p(value: float, c: Comparison) -> str:
+    """A permutation p-value; at its floor ``1 / (1 + permutations)`` it says that is a floor."""
+    permutations = (c.settings.statistics or {}).get("permutations")
+    if permutations and value <= 1 / (1 + permutations) + 1e-12:
+        return f"p = {value:.2g}, the smallest {permutations:,} permutations can give"
+    return f"p = {value:.3g}"
 
 
 def _share(part: int, whole: int) -> str:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
+from sparcom.config import IsnTrainingConfig
 from sparcom.config_check import check_isn_training
 from sparcom.data import CATEGORIES
 from sparcom.intervention import check_neurons, neuron_sites, random_like
@@ -183,38 +184,36 @@ def isn_only(
     model: nn.Module,
     selection: Snapshot | NeuronSet | str | Path,
     run_dir: str | Path | None = None,
-    epsilon: float = 0.5,
-    categories: Sequence[str] | None = None,
-    selection_mode: str = "threshold",
-    isn_set: str = "frequent",
-    control: str = "none",
-    control_seed: int = 0,
+    settings: IsnTrainingConfig | None = None,
 ) -> IsnTraining:
     """Set ``model`` up to fine-tune only its ISNs, before the trainer is built.
 
     Args:
         selection: the base model's snapshot (its step-0 recording of the probe set), from which the
-            union of ``categories``' ISNs at ``epsilon`` is selected; or a mask already selected
-            (a ``site -> bool`` dict, or the path of an ``isn_mask.safetensors``, as on resume).
+            ISNs are selected as ``settings`` say (the union of ``settings.categories``' ISNs at
+            ``settings.epsilon``); or a mask already selected (a ``site -> bool`` dict, or the path of
+            an ``isn_mask.safetensors``, as on resume).
         run_dir: where ``isn_mask.safetensors`` is written; a different mask already there is refused.
-        control: ``"random"`` trains, instead of the ISNs, random neurons with exactly their counts in
-            every site and expert (``sparcom.intervention.random_like``, seeded by ``control_seed``):
-            the control that says whether the ISNs themselves matter.
+        settings: ``trainer.isn`` (default: its defaults). ``control="random"`` trains, instead of the
+            ISNs, random neurons with exactly their counts in every site and expert
+            (``sparcom.intervention.random_like``, seeded by ``control_seed``): the control that
+            says whether the ISNs themselves matter.
     """
     from transformers.integrations import is_deepspeed_zero3_enabled
 
+    s = settings or IsnTrainingConfig()
     check_isn_settings(
-        epsilon,
-        categories,
-        selection_mode,
+        s.epsilon,
+        s.categories,
+        s.selection_mode,
         {"zero_optimization": {"stage": 3}} if is_deepspeed_zero3_enabled() else None,
     )
-    if control not in ("none", "random"):
-        raise ValueError(f"unknown ISN-training control {control!r}; expected none or random")
+    if s.control not in ("none", "random"):
+        raise ValueError(f"unknown ISN-training control {s.control!r}; expected none or random")
     if isinstance(selection, Snapshot):
-        mask = select_isns(selection, epsilon, categories, selection_mode, isn_set)
-        if control == "random":
-            mask = random_like(mask, torch.Generator().manual_seed(control_seed))
+        mask = select_isns(selection, s.epsilon, s.categories, s.selection_mode, s.isn_set)
+        if s.control == "random":
+            mask = random_like(mask, torch.Generator().manual_seed(s.control_seed))
     elif isinstance(selection, dict):
         mask = selection
     else:
@@ -230,16 +229,16 @@ def isn_only(
                 )
         else:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-            settings = {
-                "epsilon": epsilon,
-                "categories": list(categories or CATEGORIES),
-                "selection_mode": selection_mode,
-                "isn_set": isn_set,
-                "control": control,
-                **({"control_seed": control_seed} if control == "random" else {}),
-                "trains": "random neurons matched to the ISNs" if control == "random" else "the ISNs",
+            chosen = {
+                "epsilon": s.epsilon,
+                "categories": list(s.categories or CATEGORIES),
+                "selection_mode": str(s.selection_mode),
+                "isn_set": str(s.isn_set),
+                "control": str(s.control),
+                **({"control_seed": s.control_seed} if s.control == "random" else {}),
+                "trains": "random neurons matched to the ISNs" if s.control == "random" else "the ISNs",
             }
-            save_mask(mask, path, settings)
+            save_mask(mask, path, chosen)
     total = sum(p.numel() for p in unwrap(model).parameters())
     trainable = train_only(model, mask)
     neurons = int(sum(int(chosen.sum()) for chosen in mask.values()))

@@ -366,8 +366,9 @@ def _drift_figures(c: Comparison, figures_dir: Path) -> list[str]:
         "Top: each category's ISN set against its step-0 set (1 = unchanged), on the full 0-1 axis; dashed: chance, "
         "the Jaccard that random sets of the same per-site sizes would have (mean of the categories); dotted: "
         "the split-half stability at step 0, the Jaccard between sets selected on two disjoint halves of the "
-        "probe instructions (mean of the categories): drift below it moved the ISNs more than swapping the "
-        "instructions does."
+        "probe instructions (mean of the categories): how far sampling alone moves the sets. It is measured on "
+        "half the probe, so set it against the alteration on the same halves (jaccard_half in the table above), "
+        "not against these full-probe curves."
     )
     if measured:
         caption += (

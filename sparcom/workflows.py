@@ -10,7 +10,7 @@ import yaml
 
 from sparcom import report
 from sparcom.analysis import token_similarity
-from sparcom.comparison import Statistics, compare
+from sparcom.comparison import Selection, Statistics, compare
 from sparcom.data import Record
 from sparcom.drift import read_drift
 from sparcom.edit_effects import Edits
@@ -152,21 +152,26 @@ def write_comparison(
     out: Path,
     base: Snapshot,
     tuned: Snapshot,
-    labels: tuple[str, str],
     *,
     records: list[Record],
-    tokenizer,
-    tokenizer_missing: str | None = None,
-    epsilons: list[float],
-    selection_mode: str,
-    overlap_epsilon: float,
-    sweep_epsilons: list[float],
+    selection: Selection,
     statistics: Statistics | None = None,
-    drift=None,
-    run_settings: dict | None = None,
+    labels: tuple[str, str] = ("base", "tuned"),
+    spec: dict | None = None,
+    run: RunFolder | None = None,
 ) -> Path:
-    """Compare two snapshots (with intervals and tests unless ``statistics`` is None) and write
-    the report folder; returns the report page."""
+    """Compare two snapshots (with intervals and tests unless ``statistics`` is None) and write the
+    report folder; returns the report page. ``spec``: the model the snapshots were recorded from, for
+    its tokenizer (the vocabulary control; without it, the snapshot's model); ``run``: the training
+    run they come from, for its drift and settings."""
+    notes = {}
+    try:
+        tokenizer = tokenizer_for(spec, base)
+    except (OSError, ValueError) as err:  # a hub tokenizer offline: the report says so
+        tokenizer = None
+        notes["token_control"] = (
+            f"no tokenizer for {spec['name_or_path'] if spec else base.meta.get('model')} ({err})"
+        )
     by_id = {r["id"]: r for r in records}
     tokens = None
     if tuned.per_instruction and tokenizer is not None and all(i in by_id for i in base.instruction_ids):
@@ -175,17 +180,13 @@ def write_comparison(
         base,
         tuned,
         labels=labels,
-        epsilons=epsilons,
-        selection_mode=selection_mode,
-        overlap_epsilon=overlap_epsilon,
-        sweep_epsilons=sweep_epsilons,
+        selection=selection,
         statistics=statistics,
         token_similarity=tokens,
-        drift=drift,
-        run=run_settings,
+        drift=run.drift() if run else None,
+        run=run.settings if run else None,
     )
-    if tokenizer is None and tokenizer_missing:
-        comparison.notes["token_control"] = tokenizer_missing
+    comparison.notes.update(notes)
     return report.write_comparison(comparison, out)
 
 

@@ -155,7 +155,7 @@ def test_an_epsilon_where_both_sets_are_empty_has_no_jaccard(tmp_path):
     gap there (nan, null in summary.json) and says why, rather than plotting 1.0."""
     import numpy as np
 
-    from sparcom.comparison import compare
+    from sparcom.comparison import Selection, compare
     from sparcom.report import write_comparison
 
     from helpers.synthetic import draw, moe_sites, random_population
@@ -169,10 +169,7 @@ def test_an_epsilon_where_both_sets_are_empty_has_no_jaccard(tmp_path):
         base,
         tuned,
         labels=("a", "b"),
-        epsilons=[0.5],
-        selection_mode="threshold",
-        overlap_epsilon=0.5,
-        sweep_epsilons=[0.3, 0.9],
+        selection=Selection(epsilons=(0.5,), sweep_epsilons=(0.3, 0.9)),
         statistics=None,
     )
     assert all(values[0] == values[0] and values[1] != values[1] for values in result.sweep.values())

@@ -15,6 +15,7 @@ import torch
 
 import sparcom
 from callbacks import SparcomCallback
+from sparcom.comparison import Selection
 from sparcom.conversation import encode
 from sparcom.data import load_records
 from sparcom.models import load_model
@@ -136,13 +137,8 @@ def test_continuations_are_readable_beside_the_snapshot_and_compare_across_model
         tmp_path / "compare",
         base,
         tuned,
-        ("base", "tuned"),
         records=records,
-        tokenizer=tokenizer,
-        epsilons=[0.5],
-        selection_mode="threshold",
-        overlap_epsilon=0.5,
-        sweep_epsilons=[0.3, 0.5],
+        selection=Selection(epsilons=(0.5,), sweep_epsilons=(0.3, 0.5)),
         statistics=None,
     )
     assert "each model counted on its own greedy continuation, so the tokens differ" in page.read_text()

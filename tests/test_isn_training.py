@@ -14,6 +14,7 @@ from trl import SFTConfig, SFTTrainer
 
 import sparcom
 from callbacks import ResilientWandbCallback, SparcomCallback
+from sparcom.config import IsnTrainingConfig
 from sparcom.intervention import intervene, neuron_sites
 from sparcom.isn_training import (
     MASK_FILE,
@@ -85,7 +86,7 @@ def test_isn_only_sft_with_the_drift_callback_and_wandb(tmp_path, monkeypatch):
     base = weights(model)
     probe = per_category(2)
     base_snapshot = sparcom.record(model, tokenizer, probe, progress=False)
-    setup = isn_only(model, base_snapshot, tmp_path, epsilon=0.5)
+    setup = isn_only(model, base_snapshot, tmp_path, IsnTrainingConfig(epsilon=0.5))
     expected_mask = select_isns(base_snapshot, 0.5)
     saved = load_mask(tmp_path / MASK_FILE)
     assert saved.keys() == neuron_sites(model).keys() == expected_mask.keys()

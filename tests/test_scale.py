@@ -17,7 +17,7 @@ HERE = Path(__file__).parent
 # comparison (statistics at their defaults) adds, from a high-water mark reset just before it.
 COMPARE = """
 import sys
-from sparcom.comparison import compare
+from sparcom.comparison import Selection, compare
 from sparcom.snapshot import Snapshot
 
 def status(key):
@@ -26,8 +26,7 @@ def status(key):
 base, tuned = Snapshot.load(sys.argv[1]), Snapshot.load(sys.argv[2])
 open("/proc/self/clear_refs", "w").write("5")
 before = status("VmRSS:")
-compare(base, tuned, labels=("a", "b"), epsilons=[0.3, 0.5, 0.7], selection_mode="threshold",
-        overlap_epsilon=0.5, sweep_epsilons=[0.1, 0.5, 0.9])
+compare(base, tuned, labels=("a", "b"), selection=Selection(sweep_epsilons=(0.1, 0.5, 0.9)))
 print((status("VmHWM:") - before) / 1024)
 """
 
