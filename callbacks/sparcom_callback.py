@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -215,17 +216,16 @@ class SparcomCallback(TrainerCallback):
                 snapshot, self.epsilons, self.selection_mode, self.stability_splits, self.seed
             )
             stability = {e: {c: values[e] for c, values in by_category.items()} for e in self.epsilons}
-        return drift_point(
+        point = drift_point(
             step,
             self.base,
             snapshot,
             previous,
-            self.epsilons,
-            self.selection_mode,
-            stability,
-            loss,
-            self.overlap_epsilon,
+            epsilons=self.epsilons,
+            mode=self.selection_mode,
+            headline_epsilon=self.overlap_epsilon,
         )
+        return dataclasses.replace(point, isn_stability=stability or {}, held_out_loss=loss or {})
 
     def _log(self, step: int, snapshot: Snapshot, loss: dict[str, float]) -> None:
         point = self._drift(step, snapshot, self.previous, loss)

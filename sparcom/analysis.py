@@ -26,6 +26,7 @@ from sparcom.metrics import (
 )
 from sparcom.select import NEURON_KINDS, GlobalTopFraction, expert_frequency, select_rows, unique_rows
 from sparcom.snapshot import Snapshot
+from sparcom.stats import expected_jaccard
 
 # Columns of a site processed at once by the pairwise-overlap pass: bounds its working set to
 # about N x 16 k float32 values (80 MB for 1,200 instructions) whatever the site's width.
@@ -113,6 +114,13 @@ class Tallies:
         row = self.categories.index(category)
         sizes, shared = (self.unique, self.shared_unique) if unique else (self.sizes, self.shared)
         return float(jaccard_ratio(int(shared[row].sum()), *(int(sizes[k][row].sum()) for k in (0, 1))))
+
+    def chance(self, category: str, unique: bool = False) -> float:
+        """The Jaccard two random sets of this category's per-site sizes (``unique``: of its unique
+        ISNs) would have: the level ``jaccard`` is read against."""
+        row = self.categories.index(category)
+        sizes = self.unique if unique else self.sizes
+        return expected_jaccard(sizes[0][row], sizes[1][row], self.widths)
 
     def layer_profile(self, category: str, snapshot: int = 0) -> list[int]:
         """ISN count per layer (a layer's FFN, shared-expert and routed-expert neurons together)."""

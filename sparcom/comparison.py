@@ -17,7 +17,7 @@ from sparcom.metrics import category_block_means
 from sparcom.permutation import diagonal_dominance, token_control
 from sparcom.resampling import half_sample_alteration, paired_bootstrap, sampling_stability
 from sparcom.snapshot import Snapshot, check_comparable, instruction_order
-from sparcom.stats import PhaseTest, expected_jaccard, phase_test
+from sparcom.stats import PhaseTest, phase_test
 
 SIDES = ("base", "tuned")
 
@@ -296,8 +296,7 @@ def compare(
             notes["stability"] = "no split-half stability: a category has fewer than 2 instructions"
 
     def chance(epsilon: float, category: str) -> float:
-        t, row = tallies[epsilon], categories.index(category)
-        return expected_jaccard(t.sizes[0][row], t.sizes[1][row], t.widths)
+        return tallies[epsilon].chance(category)
 
     isn_jaccard: dict[str, dict[float, Estimate]] = {c: {} for c in every}
     for epsilon in epsilons:
@@ -333,7 +332,7 @@ def compare(
     unique_isn_jaccard = {
         c: Estimate(
             focus.jaccard(c, unique=True),
-            chance=expected_jaccard(*(focus.unique[k][categories.index(c)] for k in (0, 1)), focus.widths),
+            chance=focus.chance(c, unique=True),
         )
         for c in categories
     }

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from sparcom.analysis import category_tallies, ise_alteration
 from sparcom.snapshot import Snapshot
-from sparcom.stats import expected_jaccard
 
 REFERENCES = ("base", "prev")  # against the vanilla model, against the previous snapshot
 
@@ -142,33 +141,25 @@ def drift_point(
     base: Snapshot,
     current: Snapshot,
     previous: Snapshot | None,
+    *,
     epsilons: Sequence[float],
-    mode: str,
-    stability: dict[float, dict[str, float]] | None = None,
-    held_out_loss: dict[str, float] | None = None,
+    mode: str = "threshold",
     headline_epsilon: float | None = None,
 ) -> DriftPoint:
-    """Compare ``current`` with the base snapshot (and with the previous one, if any); the held-out
-    loss measured at this step travels with it."""
+    """Compare ``current`` with the base snapshot (and with the previous one, if any). What is
+    measured beside the snapshots (the base's split-half stability, the held-out loss) is added
+    with ``dataclasses.replace``."""
     references = {"base": base} | ({"prev": previous} if previous is not None else {})
     jaccard, pearson, chance = {}, {}, {}
     for name, reference in references.items():
         tallies = category_tallies([reference, current], epsilons, mode)
         jaccard[name] = {e: {c: t.jaccard(c) for c in current.categories} for e, t in tallies.items()}
         if name == "base":
-            chance = {
-                e: {c: expected_jaccard(*_sizes(t, c)) for c in current.categories}
-                for e, t in tallies.items()
-            }
+            chance = {e: {c: t.chance(c) for c in current.categories} for e, t in tallies.items()}
         correlations = ise_alteration(reference, current)
         if correlations:
             pearson[name] = correlations
-    return DriftPoint(step, jaccard, chance, pearson, stability or {}, held_out_loss or {}, headline_epsilon)
-
-
-def _sizes(tallies, category: str):
-    row = tallies.categories.index(category)
-    return tallies.sizes[0][row], tallies.sizes[1][row], tallies.widths
+    return DriftPoint(step, jaccard, chance, pearson, headline_epsilon=headline_epsilon)
 
 
 # ------------------------------------------------------------------------------ a run's result

@@ -348,6 +348,6 @@ def test_resume_restores_a_drift_row_a_kill_cut_off(tmp_path):
     assert [point.step for point in points] == [0, 3, 6]
     series = snapshot_series(run / "snapshots")
     base, step3 = Snapshot.load(series[0]), Snapshot.load(series[3])
-    expected = drift_point(3, base, step3, base, [0.3, 0.5, 0.7], "threshold").wandb_metrics()
+    expected = drift_point(3, base, step3, base, epsilons=[0.3, 0.5, 0.7]).wandb_metrics()
     logged = points[1].wandb_metrics()
     assert all(logged[key] == pytest.approx(value, abs=1e-12) for key, value in expected.items())

@@ -5,6 +5,7 @@ the point (several ranks, a sweep, launches in the same second)."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import os
@@ -147,7 +148,7 @@ def test_sft_run_logs_drift_next_to_the_loss_and_the_whole_config(tmp_path):
     )
     snapshots = {step: Snapshot.load(path) for step, path in series.items()}
     for step, previous in ((3, 0), (6, 3)):
-        point = drift_point(step, snapshots[0], snapshots[step], snapshots[previous], [0.3, 0.5], "threshold")
+        point = drift_point(step, snapshots[0], snapshots[step], snapshots[previous], epsilons=[0.3, 0.5])
         for key, value in point.wandb_metrics().items():
             assert drift[step][key] == pytest.approx(value, abs=1e-12), key
         for category in CATEGORIES:  # the chance level of a Jaccard lies below what it measures here
@@ -172,9 +173,8 @@ def test_resumed_run_continues_the_drift_series(tmp_path):
     assert last.headline_epsilon == 0.5 and set(last.held_out_loss) == set(
         CATEGORIES
     )  # measured after resuming
-    expected = drift_point(
-        6, loaded[0], loaded[6], loaded[3], [0.3, 0.5], "threshold", None, last.held_out_loss, 0.5
-    ).wandb_metrics()
+    point = drift_point(6, loaded[0], loaded[6], loaded[3], epsilons=[0.3, 0.5], headline_epsilon=0.5)
+    expected = dataclasses.replace(point, held_out_loss=last.held_out_loss).wandb_metrics()
     assert set(logged) == set(expected)  # base and prev, every epsilon and category
     assert all(logged[k] == pytest.approx(v, abs=1e-12) for k, v in expected.items())
 
