@@ -95,9 +95,11 @@ def sweep(cfg: AnalyzeConfig, out: Path) -> Path:
     return write_sweep(out, jobs, categories)
 
 
-def placement(cfg: AnalyzeConfig) -> dict:
-    """Where models loaded here go: accelerate's dispatch settings."""
-    return {"device_map": cfg.device_map, "max_memory": cfg.max_memory, "offload_folder": cfg.offload_folder}
+def loading(cfg: AnalyzeConfig):
+    """How models are loaded here: the dtype and accelerate's dispatch settings."""
+    from sparcom.workflows import Loading
+
+    return Loading(cfg.dtype, cfg.device_map, cfg.max_memory, cfg.offload_folder)
 
 
 def recorded(cfg: AnalyzeConfig, side, records):
@@ -107,19 +109,9 @@ def recorded(cfg: AnalyzeConfig, side, records):
 
     if isinstance(side, Snapshot):
         return side
-    probe = cfg.sparcom.probe
-    return record_model(
-        side,
-        records,
-        per_category=probe.per_category,
-        seed=probe.seed,
-        batch_size=probe.batch_size,
-        token_scope=cfg.sparcom.token_scope,
-        per_instruction=probe.per_instruction,
-        max_new_tokens=cfg.sparcom.max_new_tokens,
-        dtype=cfg.dtype,
-        placement=placement(cfg),
-    )
+    from sparcom.probe import Recording
+
+    return record_model(side, records, cfg.sparcom.probe, Recording.of(cfg.sparcom), loading(cfg))
 
 
 def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
@@ -127,7 +119,6 @@ def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
     from sparcom.workflows import write_comparison
 
     base, tuned = recorded(cfg, item.base, records), recorded(cfg, item.tuned, records)
-    spec = item.run.model if item.run else item.model or (item.base if isinstance(item.base, dict) else None)
     s, st = cfg.sparcom, cfg.stats
     return write_comparison(
         out,
@@ -139,8 +130,7 @@ def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
         ),
         statistics=Statistics(st.resamples, st.permutations, st.splits, st.seed) if st.enabled else None,
         labels=item.labels,
-        spec=spec,
-        run=item.run,
+        source=item.run or item.model or (item.base if isinstance(item.base, dict) else None),
     )
 
 
@@ -163,9 +153,7 @@ def ablate(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
     from sparcom.workflows import write_ablation
 
     snapshot = recorded(cfg, item.tuned, records)
-    return write_ablation(
-        out, item.model, snapshot, records, edits(cfg, cfg.ablate), cfg.dtype, placement(cfg)
-    )
+    return write_ablation(out, item.model, snapshot, records, edits(cfg, cfg.ablate), loading(cfg))
 
 
 def steer(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
@@ -173,7 +161,7 @@ def steer(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
 
     snapshot = recorded(cfg, item.tuned, records)
     e = edits(cfg, cfg.steer)
-    return write_steering(out, item.model, snapshot, records, e, cfg.steer.scales, cfg.dtype, placement(cfg))
+    return write_steering(out, item.model, snapshot, records, e, cfg.steer.scales, loading(cfg))
 
 
 def explain(cfg: AnalyzeConfig, out: Path, records) -> Path | str:
@@ -185,22 +173,17 @@ def explain(cfg: AnalyzeConfig, out: Path, records) -> Path | str:
         spec, snapshot = run.final_model, explained_snapshot(run)
     else:
         spec, snapshot = model_preset(cfg.base), None
-    s, e = cfg.sparcom, cfg.explain
+    from sparcom.probe import Recording
+
     return write_explanation(
         out,
         spec,
         snapshot,
         records,
-        per_category=e.per_category,
-        top=e.top,
-        neuron=e.neuron,
-        probe_per_category=s.probe.per_category,
-        seed=s.probe.seed,
-        batch_size=s.probe.batch_size,
-        token_scope=s.token_scope,
-        max_new_tokens=s.max_new_tokens,
-        dtype=cfg.dtype,
-        placement=placement(cfg),
+        settings=cfg.explain,
+        probe=cfg.sparcom.probe,
+        how=Recording.of(cfg.sparcom),
+        loading=loading(cfg),
     )
 
 

@@ -134,7 +134,6 @@ def sft_trainer(cfg: TrainConfig, run_dir: Path, records, held_out, probe, wandb
         from peft import LoraConfig
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", **vars(cfg.trainer.peft))
-    sparcom = cfg.sparcom
     # resumable: resuming loads every weight of the checkpoint, MoE experts included
     return resumable(SFTTrainer)(
         model=model,
@@ -148,21 +147,12 @@ def sft_trainer(cfg: TrainConfig, run_dir: Path, records, held_out, probe, wandb
             SparcomCallback(
                 tokenizer,
                 probe,
-                epsilons=sparcom.epsilons,
-                selection_mode=sparcom.selection_mode,
-                token_scope=sparcom.token_scope,
-                max_new_tokens=sparcom.max_new_tokens,
-                batch_size=sparcom.probe.batch_size,
-                per_instruction=sparcom.probe.per_instruction,
-                snapshot_dir=run_dir / "snapshots",
-                on_save=sparcom.record.on_save,
-                every_steps=sparcom.record.every_steps,
-                overlap_epsilon=sparcom.overlap_epsilon,
-                base=base,
-                stability_splits=cfg.stats.splits if cfg.stats.enabled else None,
-                seed=cfg.stats.seed,
+                cfg.sparcom,
+                cfg.stats,
                 held_out=held_out,
                 max_length=cfg.data.max_length,
+                snapshot_dir=run_dir / "snapshots",
+                base=base,
             ),
         ],
     )
@@ -183,24 +173,14 @@ def isn_setup(cfg: TrainConfig, model, tokenizer, probe, run_dir: Path, rank: in
     """Parametrize ``model`` to train only the ISNs its recording of the probe set selects (on
     resume: the mask the run saved); returns that recording, the run's step-0 snapshot (None on resume)."""
     from sparcom.isn_training import MASK_FILE, isn_only
-    from sparcom.probe import record
+    from sparcom.probe import Recording, record
 
-    s, isn = cfg.sparcom, cfg.trainer.isn
+    isn = cfg.trainer.isn
     snapshot = None
     if cfg.resume:  # the mask the run chose at its start (every rank takes the same branch)
         selection = run_dir / MASK_FILE
     else:
-        snapshot = record(
-            model,
-            tokenizer,
-            probe,
-            token_scope=s.token_scope,
-            max_new_tokens=s.max_new_tokens,
-            batch_size=s.probe.batch_size,
-            per_instruction=s.probe.per_instruction,
-            progress=rank == 0,
-            step=0,
-        )
+        snapshot = record(model, tokenizer, probe, Recording.of(cfg.sparcom), progress=rank == 0, step=0)
         selection = snapshot
     setup = isn_only(model, selection, run_dir if rank == 0 else None, isn)
     if rank == 0:

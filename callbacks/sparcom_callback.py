@@ -12,10 +12,12 @@ from transformers import TrainerCallback
 
 from sparcom.analysis import layer_profiles, overlap_matrix
 from sparcom.artifacts import log_checkpoint, log_snapshot
+from sparcom.config import StatsConfig, TrainSparcomConfig
+from sparcom.config_check import check_sparcom
 from sparcom.drift import TABLE_COLUMNS, DriftPoint, append_drift, drift_point, read_drift, write_drift
-from sparcom.probe import record
+from sparcom.probe import Recording, record
 from sparcom.resampling import sampling_stability
-from sparcom.select import SELECTION_MODES, check_epsilon
+from sparcom.select import SELECTION_MODES
 from sparcom.snapshot import SNAPSHOT_NAME, Snapshot, check_continues, snapshot_series
 
 
@@ -25,7 +27,7 @@ class SparcomCallback(TrainerCallback):
     Each snapshot is saved atomically in ``snapshot_dir`` (default ``<output_dir>/snapshots``).
     Drift against the base snapshot and the previous one (ISN Jaccard per category for every
     epsilon, with its chance level; ISE Pearson for MoE models; at step 0 the split-half stability
-    of the probe's ISN sets, ``stability_splits`` splits) is written to ``drift.jsonl``
+    of the probe's ISN sets, ``stats.splits`` splits) is written to ``drift.jsonl``
     beside the snapshots and, when a W&B run is active, logged under ``sparcom/...`` keys on the
     trainer's global step, so it lines up with ``train/loss``. The overlap matrix and layer
     profile at ``overlap_epsilon`` are drawn to ``snapshot_dir/figures`` (and logged to W&B).
@@ -39,57 +41,51 @@ class SparcomCallback(TrainerCallback):
     ``max_new_tokens``); the ranks generate their shares in step (``synced_gpus``), so ZeRO-3 works. A resumed run reloads its base snapshot
     from disk rather than recomputing it from resumed weights.
 
-        trainer.add_callback(SparcomCallback(tokenizer, probe_records, epsilons=[0.3, 0.5, 0.7]))
+        trainer.add_callback(SparcomCallback(tokenizer, probe_records, TrainSparcomConfig(epsilons=[0.3, 0.5])))
     """
 
     def __init__(
         self,
         tokenizer,
         records: Sequence[dict],
-        epsilons: Sequence[float] = (0.5,),
-        selection_mode: str = "threshold",
-        token_scope: str = "prompt",
-        batch_size: int = 16,
-        per_instruction: bool = True,
-        snapshot_dir: str | Path | None = None,
-        on_save: bool = True,
-        every_steps: int | None = None,
-        overlap_epsilon: float = 0.5,
-        draw_figures: bool = True,
-        base: Snapshot | None = None,
-        stability_splits: int | None = 20,
-        seed: int = 0,
-        max_new_tokens: int = 128,
+        settings: TrainSparcomConfig | None = None,
+        stats: StatsConfig | None = None,
+        *,
         held_out: Sequence[dict] | None = None,
         max_length: int | None = None,
+        snapshot_dir: str | Path | None = None,
+        base: Snapshot | None = None,
     ):
-        for epsilon in [*epsilons, overlap_epsilon]:
-            check_epsilon(epsilon)
-        if selection_mode not in SELECTION_MODES:
+        """``settings``: the config's ``sparcom`` section (epsilons, selection, token scope, probe
+        batching, when to record); ``stats``: its ``stats`` section (the split-half stability at step 0,
+        none when disabled); ``held_out``: instructions never trained on, whose response loss is
+        measured at every snapshot (cut at ``max_length`` tokens); ``base``: a step-0 recording
+        made already (ISN-only training selects from it), not redone."""
+        settings, stats = settings or TrainSparcomConfig(), stats or StatsConfig()
+        check_sparcom(settings)
+        if settings.record.every_steps is not None and settings.record.every_steps < 1:
             raise ValueError(
-                f"unknown selection mode {selection_mode!r}; expected one of {list(SELECTION_MODES)}"
+                f"every_steps must be a positive integer or None, got {settings.record.every_steps}"
             )
-        if every_steps is not None and every_steps < 1:
-            raise ValueError(f"every_steps must be a positive integer or None, got {every_steps}")
-        if token_scope == "generated" and max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+        if settings.selection_mode not in SELECTION_MODES:
+            raise ValueError(
+                f"unknown selection mode {settings.selection_mode!r}; expected one of {list(SELECTION_MODES)}"
+            )
         self.tokenizer = tokenizer
         self.records = list(records)
+        self.recording = Recording.of(settings)
+        epsilons, overlap_epsilon = list(settings.epsilons), settings.overlap_epsilon
         # The overlap epsilon is always measured: its numbers are also logged without "eps=" in the key.
         self.epsilons = [*epsilons, *([overlap_epsilon] if overlap_epsilon not in epsilons else [])]
-        self.selection_mode = selection_mode
-        self.token_scope = token_scope
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.per_instruction = per_instruction
+        self.selection_mode = str(settings.selection_mode)
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
-        self.record_on_save = on_save
-        self.every_steps = every_steps
+        self.record_on_save, self.every_steps = settings.record.on_save, settings.record.every_steps
         self.overlap_epsilon = overlap_epsilon
-        self.draw_figures = draw_figures
+        self.draw_figures = True
         self.base: Snapshot | None = None
         self._recorded_base = base  # a step-0 recording made already (to select ISNs): not redone
-        self.stability_splits, self.seed = stability_splits, seed
+        self.stability_splits = stats.splits if stats.enabled else None
+        self.seed = stats.seed
         self.held_out, self.max_length = list(held_out or []), max_length
         self._held_out_loss = None  # tokenised and batched on first use
         self.previous: Snapshot | None = None
@@ -105,7 +101,8 @@ class SparcomCallback(TrainerCallback):
         self.snapshot_dir = self.snapshot_dir or Path(args.output_dir) / "snapshots"
         series = snapshot_series(self.snapshot_dir)
         if series:  # a resumed run: continue the series that is on disk, if it measured the same
-            check_continues(self.snapshot_dir, self.records, self.token_scope, self.max_new_tokens)
+            how = self.recording
+            check_continues(self.snapshot_dir, self.records, how.token_scope, how.max_new_tokens)
             self.base = Snapshot.load(next(iter(series.values())))
             earlier = [step for step in series if step <= state.global_step]
             if state.is_world_process_zero:
@@ -170,12 +167,9 @@ class SparcomCallback(TrainerCallback):
                 model,
                 self.tokenizer,
                 self.records,
-                token_scope=self.token_scope,
-                batch_size=self.batch_size,
-                per_instruction=self.per_instruction,
-                progress=state.is_world_process_zero,  # a probe of real size takes minutes on a CPU
+                self.recording,
+                progress=state.is_world_process_zero,
                 step=step,
-                max_new_tokens=self.max_new_tokens,
             )
         self.last_step = step
         # Every rank measures: under ZeRO-3 each forward is collective.
@@ -201,7 +195,7 @@ class SparcomCallback(TrainerCallback):
             from sparcom.response_loss import ResponseLoss
 
             self._held_out_loss = ResponseLoss(
-                self.tokenizer, self.held_out, categories, self.batch_size, self.max_length
+                self.tokenizer, self.held_out, categories, self.recording.batch_size, self.max_length
             )
         return dict(zip(categories, self._held_out_loss(model).tolist(), strict=True))
 

@@ -4,16 +4,16 @@ import importlib
 
 from sparcom.version import __version__
 
-__all__ = ["Snapshot", "__version__", "intervene", "record"]
+__all__ = ["Recording", "Snapshot", "__version__", "intervene", "record"]
 
 
 def __getattr__(name: str):
     # Lazy (PEP 562): importing sparcom, or a torch-free part of it such as sparcom.config, must not
     # import torch, so that a bad config is reported in a fraction of a second.
-    if name == "record":
-        from sparcom.probe import record
+    if name in ("record", "Recording"):
+        import sparcom.probe
 
-        return record
+        return getattr(sparcom.probe, name)
     if name == "Snapshot":
         from sparcom.snapshot import Snapshot
 

@@ -85,20 +85,18 @@ def lines(
     x: Sequence[float],
     panels: dict[str, dict[str, Sequence[float]]],
     path: str | Path,
-    xlabel: str,
-    ylabel: str,
+    labels: tuple[str, str],
     title: str | None = None,
-    integer_x: bool = False,
+    x_scale: str = "linear",
     reference: tuple[str, Sequence[float]] | None = None,
     ylim: tuple[float, float] | None = None,
-    log_x: bool = False,
 ) -> Path:
     """One subplot per panel, one line per series, all panels on one y axis.
 
-    ``reference``: a named dashed line drawn in every panel (e.g. the chance level); ``log_x``: a
-    logarithmic x axis (a learning rate).
+    ``labels``: the x and y axes' labels; ``x_scale``: "linear", "integer" (steps, layers) or "log"
+    (a learning rate); ``reference``: a named dashed line drawn in every panel (the chance level).
     """
-    # Page-wide at most (12 in at 100 dpi: the page's width), so the labels keep their size on screen.
+    xlabel, ylabel = labels
     figure = Figure(figsize=(min(12, max(6.4, 4.4 * len(panels))), 4.2), dpi=100, layout="constrained")
     axes_list = figure.subplots(1, len(panels), sharey=True, squeeze=False)[0]
     for axes, (panel_title, series) in zip(axes_list, panels.items(), strict=True):
@@ -110,11 +108,11 @@ def lines(
             axes.set_title(panel_title, fontsize=10)
         axes.set_xlabel(xlabel)
         axes.grid(alpha=0.3)
-        if integer_x:
+        if x_scale == "integer":
             axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ylim:
             axes.set_ylim(*ylim)
-        if log_x:
+        if x_scale == "log":
             axes.set_xscale("log")
     axes_list[0].set_ylabel(ylabel)
     axes_list[-1].legend(fontsize=8)
@@ -132,7 +130,7 @@ def overlap_heatmap(matrix, categories: Sequence[str], title: str, path: str | P
 def layer_profile_plot(profiles: dict[str, list[int]], title: str, path: str | Path) -> Path:
     """ISN count per layer, one line per category."""
     layers = range(len(next(iter(profiles.values()))))
-    return lines(layers, {title: profiles}, path, "layer", "ISN count", integer_x=True)
+    return lines(layers, {title: profiles}, path, ("layer", "ISN count"), x_scale="integer")
 
 
 def category_colours(categories: Sequence[str]) -> dict[str, str]:

@@ -8,6 +8,7 @@ import json
 import math
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,17 +31,43 @@ def length_bucketed(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
+@dataclass(frozen=True)
+class Recording:
+    """How a recording counts (``Recording.of(cfg.sparcom)`` from a config).
+
+    Attributes:
+        token_scope: "prompt", "response" or "all": which tokens of each record's conversation are
+            counted; "generated": the model's own greedy continuation of each prompt
+            (``sparcom.generation``), kept on the snapshot (``snapshot.generated``).
+        batch_size: rows per forward; batches are length-bucketed, so padding is small and never counted.
+        per_instruction: also keep counts per instruction (needed for overlap matrices and statistics).
+        max_new_tokens: the longest continuation generated (token_scope "generated").
+        max_length: conversations longer than this are cut (the response's end first); None: whole.
+    """
+
+    token_scope: str = "prompt"
+    batch_size: int = 16
+    per_instruction: bool = True
+    max_new_tokens: int = 128
+    max_length: int | None = None
+
+    @classmethod
+    def of(cls, sparcom, max_length: int | None = None) -> Recording:
+        """From a config's ``sparcom`` section (``sparcom.config.SparcomConfig``)."""
+        probe = sparcom.probe
+        return cls(
+            sparcom.token_scope, probe.batch_size, probe.per_instruction, sparcom.max_new_tokens, max_length
+        )
+
+
 def record(
     model: nn.Module,
     tokenizer,
     records: Sequence[Record],
-    token_scope: str = "prompt",
-    batch_size: int = 16,
-    per_instruction: bool = True,
-    max_length: int | None = None,
-    progress: bool = True,
+    how: Recording | None = None,
+    *,
     step: int | None = None,
-    max_new_tokens: int = 128,
+    progress: bool = True,
 ) -> Snapshot:
     """Count how often every FFN neuron, expert neuron and expert fires on each category's tokens.
 
@@ -48,13 +75,10 @@ def record(
         model: a supported HF causal LM (optionally wrapped by PEFT/DeepSpeed); left in its mode.
         tokenizer: its tokenizer, with a chat template.
         records: HexaInst-schema dicts.
-        token_scope: "prompt", "response" or "all": which tokens of each record's conversation are
-            counted; "generated": the model's own greedy continuation of each prompt
-            (``sparcom.generation``), kept on the snapshot (``snapshot.generated``).
-        batch_size: rows per forward; batches are length-bucketed, so padding is small and never counted.
-        per_instruction: also keep counts per instruction (needed for overlap matrices).
+        how: what is counted and how (``Recording``; default: prompt tokens, batches of 16,
+            per-instruction counts kept).
         step: training step stored in the snapshot's metadata.
-        max_new_tokens: the longest continuation generated (token_scope "generated").
+        progress: progress bars (on the main rank).
 
     Returns category counts as int64 and per-instruction counts in the narrowest integer dtype
     that holds them (int16 while no instruction counts more than 32,767 tokens, else int32), on
@@ -69,6 +93,9 @@ def record(
     to every other, one batch of one site at a time, so every rank returns the counts one process
     would give over everything.
     """
+    how = how or Recording()
+    token_scope, batch_size, max_new_tokens = how.token_scope, how.batch_size, how.max_new_tokens
+    per_instruction, max_length = how.per_instruction, how.max_length
     if token_scope not in TOKEN_SCOPES:
         raise ValueError(f"unknown token_scope {token_scope!r}; expected one of {list(TOKEN_SCOPES)}")
     if batch_size < 1:
@@ -109,7 +136,7 @@ def record(
         host = HostRows(shapes, len(records), count_dtype(int(tokens.max())), batch_size, pin)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with failing_together(rank, world), inference_mode(model), recorder:
-        run_batches(model, recorder, host, encoded, batches, category_of, token_scope, pad_id, progress)
+        _run_batches(model, recorder, host, encoded, batches, category_of, token_scope, pad_id, progress)
 
     totals = _category_totals(recorder, len(categories), world)
     instruction_counts = None if host is None else _instruction_counts(host, batches, world)
@@ -158,7 +185,7 @@ def failing_together(rank: int, world: int) -> Iterator[None]:
         ) from err
 
 
-def run_batches(
+def _run_batches(
     model: nn.Module,
     recorder: Recorder,
     host: HostRows | None,

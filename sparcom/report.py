@@ -196,8 +196,7 @@ def write_comparison(c: Comparison, out: Path) -> Path:
         c.settings.sweep_epsilons,
         {"ISN Jaccard, base vs tuned": c.sweep},
         figures_dir / "epsilon_sweep.png",
-        "epsilon",
-        "Jaccard",
+        ("epsilon", "Jaccard"),
         reference=("chance (mean)", c.sweep_chance),
         ylim=(0, 1.02),
     )
@@ -228,7 +227,7 @@ def write_comparison(c: Comparison, out: Path) -> Path:
     layers = range(len(c.layer_profile["base"][c.categories[0]].counts))
     title = f"ISNs per layer (eps={epsilon:g})"
     path = figures.lines(
-        layers, profiles, figures_dir / "layer_profile.png", "layer", "ISN count", title, integer_x=True
+        layers, profiles, figures_dir / "layer_profile.png", ("layer", "ISN count"), title, "integer"
     )
     phase_rows = [
         [

@@ -175,9 +175,8 @@ def write_sweep(out: Path, jobs: list[SweepJob], categories: list[str]) -> Path:
         x,
         panels,
         out / "figures" / "drift.png",
-        labels,
-        "ISN Jaccard vs the job's step 0",
-        log_x=log,
+        (labels, "ISN Jaccard vs the job's step 0"),
+        x_scale="log" if log else "linear",
         ylim=(0, 1.02),
     )
     sections = [
@@ -198,9 +197,8 @@ def write_sweep(out: Path, jobs: list[SweepJob], categories: list[str]) -> Path:
             x,
             {"held-out loss change": changes},
             out / "figures" / "held_out_loss.png",
-            labels,
-            "last - step 0 (nats/token)",
-            log_x=log,
+            (labels, "last - step 0 (nats/token)"),
+            x_scale="log" if log else "linear",
         )
         sections.append(
             (

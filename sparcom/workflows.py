@@ -3,6 +3,7 @@ recording models), compare them, and write the report. No Hydra here: every sett
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import yaml
 from sparcom import report
 from sparcom.analysis import token_similarity
 from sparcom.comparison import Selection, Statistics, compare
+from sparcom.config import ExplainConfig, ProbeConfig
 from sparcom.data import Record
 from sparcom.drift import read_drift
 from sparcom.edit_effects import Edits
+from sparcom.probe import Recording
 from sparcom.snapshot import Snapshot, SnapshotError, dataset_hash, snapshot_series
 
 # Training settings worth a place in a report's header, by their trainer.args name (the length of
@@ -86,17 +89,33 @@ def _run_length(args: dict, checkpoint: Path | None) -> str | None:
     return None
 
 
-def load_for_analysis(spec: dict, dtype: str | None = None, placement: dict | None = None):
-    """``(model, tokenizer)`` of a model spec. ``dtype`` (the command line's) wins over the spec's;
-    with neither, bfloat16 on a GPU and float32 on CPU. ``placement`` (``device_map``,
-    ``max_memory``, ``offload_folder``, as ``sparcom.models.load_model`` takes them) dispatches a
-    model bigger than one device; without a ``device_map`` the model goes whole to the GPU when
-    there is one."""
+@dataclass(frozen=True)
+class Loading:
+    """How analyze.py loads a model: ``dtype`` (None: the spec's, else bfloat16 on a GPU and float32
+    on CPU) and accelerate's placement (``device_map``, ``max_memory``, ``offload_folder``, as
+    ``sparcom.models.load_model`` takes them) for a model bigger than one device."""
+
+    dtype: str | None = None
+    device_map: str | None = None
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+
+
+def load_for_analysis(spec: dict, loading: Loading | None = None):
+    """``(model, tokenizer)`` of a model spec, as ``loading`` says (the command line's dtype wins over
+    the spec's); without a ``device_map`` the model goes whole to the GPU when there is one."""
     import torch
 
     from sparcom.models import load_model
 
-    placement = {key: value for key, value in (placement or {}).items() if value}  # {}: no max_memory
+    loading = loading or Loading()
+    dtype = loading.dtype
+    placement = {
+        "device_map": loading.device_map,
+        "max_memory": loading.max_memory,
+        "offload_folder": loading.offload_folder,
+    }
+    placement = {key: value for key, value in placement.items() if value}  # {}: no max_memory
     if placement.get("max_memory"):  # Hydra gives strings; accelerate wants GPU indices and bytes as ints
         placement["max_memory"] = {
             int(key) if str(key).isdigit() else key: int(value) if str(value).isdigit() else value
@@ -119,33 +138,15 @@ def tokenizer_for(spec: dict | None, snapshot: Snapshot):
 
 
 def record_model(
-    spec: dict,
-    records: list[Record],
-    *,
-    per_category: int,
-    seed: int,
-    token_scope: str,
-    batch_size: int,
-    per_instruction: bool,
-    max_new_tokens: int = 128,
-    dtype: str | None = None,
-    placement: dict | None = None,
+    spec: dict, records: list[Record], probe: ProbeConfig, how: Recording, loading: Loading | None = None
 ) -> Snapshot:
-    """Record a model (a spec as ``load_for_analysis`` takes) on the seeded probe set."""
+    """Record a model (a spec as ``load_for_analysis`` takes) on the seeded probe set
+    (``probe.per_category`` instructions per category, drawn with ``probe.seed``)."""
     from sparcom.probe import record
     from sparcom.training import probe_set
 
-    model, tokenizer = load_for_analysis(spec, dtype, placement)
-    probe = probe_set(records, per_category, seed)
-    return record(
-        model,
-        tokenizer,
-        probe,
-        token_scope=token_scope,
-        batch_size=batch_size,
-        per_instruction=per_instruction,
-        max_new_tokens=max_new_tokens,
-    )
+    model, tokenizer = load_for_analysis(spec, loading)
+    return record(model, tokenizer, probe_set(records, probe.per_category, probe.seed), how)
 
 
 def write_comparison(
@@ -157,13 +158,14 @@ def write_comparison(
     selection: Selection,
     statistics: Statistics | None = None,
     labels: tuple[str, str] = ("base", "tuned"),
-    spec: dict | None = None,
-    run: RunFolder | None = None,
+    source: RunFolder | dict | None = None,
 ) -> Path:
     """Compare two snapshots (with intervals and tests unless ``statistics`` is None) and write the
-    report folder; returns the report page. ``spec``: the model the snapshots were recorded from, for
-    its tokenizer (the vocabulary control; without it, the snapshot's model); ``run``: the training
-    run they come from, for its drift and settings."""
+    report folder; returns the report page. ``source``: the training run the snapshots come from (its
+    drift and settings join the report), or the model spec they were recorded from; either gives the
+    tokenizer of the vocabulary control (without one, the snapshot's model's)."""
+    run = source if isinstance(source, RunFolder) else None
+    spec = run.model if run else source
     notes = {}
     try:
         tokenizer = tokenizer_for(spec, base)
@@ -190,11 +192,13 @@ def write_comparison(
     return report.write_comparison(comparison, out)
 
 
-def _edited(model_spec: dict, snapshot: Snapshot, records: list[Record], edits: Edits, dtype, placement):
+def _edited(
+    model_spec: dict, snapshot: Snapshot, records: list[Record], edits: Edits, loading: Loading | None
+):
     """The model to edit and the held-out instructions it is evaluated on."""
     from sparcom.steer import held_out
 
-    model, tokenizer = load_for_analysis(model_spec, dtype, placement)
+    model, tokenizer = load_for_analysis(model_spec, loading)
     return model, tokenizer, held_out(records, snapshot, edits.per_category, edits.seed)
 
 
@@ -204,15 +208,14 @@ def write_ablation(
     snapshot: Snapshot,
     records: list[Record],
     edits: Edits,
-    dtype: str | None = None,
-    placement: dict | None = None,
+    loading: Loading | None = None,
 ) -> Path:
     """Zero each category's ISNs (selected on ``snapshot``) and, as the null, as many random
     neurons from the same sites ``control_draws`` times; measure the response loss on held-out
     instructions of every category and write the report folder; returns its page."""
     from sparcom.ablation import ablation_matrices
 
-    model, tokenizer, evaluated = _edited(model_spec, snapshot, records, edits, dtype, placement)
+    model, tokenizer, evaluated = _edited(model_spec, snapshot, records, edits, loading)
     e = edits
     result = ablation_matrices(model, tokenizer, evaluated, snapshot, e)
     return report.write_ablation(
@@ -243,14 +246,13 @@ def write_steering(
     records: list[Record],
     edits: Edits,
     scales: list[float],
-    dtype: str | None = None,
-    placement: dict | None = None,
+    loading: Loading | None = None,
 ) -> Path:
     """Scale each category's ISNs by each factor and measure the response-loss change on held-out
     instructions of every category, against random neurons of the same per-site counts."""
     from sparcom.steer import dose_response, steering_dominance, write_dose_response
 
-    model, tokenizer, evaluated = _edited(model_spec, snapshot, records, edits, dtype, placement)
+    model, tokenizer, evaluated = _edited(model_spec, snapshot, records, edits, loading)
     e = edits
     rows = dose_response(model, tokenizer, evaluated, snapshot, e, scales)
     written = write_dose_response(rows, out)
@@ -284,21 +286,17 @@ def write_explanation(
     snapshot: Snapshot | None,
     records: list[Record],
     *,
-    per_category: int,
-    top: int,
-    neuron: str | None,
-    probe_per_category: int,
-    seed: int,
-    batch_size: int,
-    token_scope: str,
-    max_new_tokens: int,
-    dtype: str | None = None,
-    placement: dict | None = None,
+    settings: ExplainConfig,
+    probe: ProbeConfig,
+    how: Recording,
+    loading: Loading | None = None,
 ) -> Path | str:
-    """The neuron explorer: each category's ``per_category`` most specific neurons in ``snapshot``
-    (None: recorded now on the seeded probe set), their ``top`` probe contexts, written as
-    ``neurons.jsonl`` and ``report.html`` in ``out``; returns the page. With ``neuron``
-    (``<site>:<i>`` or ``<site>:<expert>,<i>``), only that neuron's card, returned as text."""
+    """The neuron explorer: each category's ``settings.per_category`` most specific neurons in
+    ``snapshot`` (None: recorded now on the seeded probe set, as ``probe`` and ``how`` say), their
+    ``settings.top`` probe contexts, written as ``neurons.jsonl`` and ``report.html`` in ``out``;
+    returns the page. With ``settings.neuron`` (``<site>:<i>`` or ``<site>:<expert>,<i>``), only that
+    neuron's card, returned as text."""
+    per_category, top, neuron = settings.per_category, settings.top, settings.neuron
     from sparcom.errors import ConfigError
     from sparcom.explain import explain, most_specific, neuron_named, parse_neuron, write_neurons
     from sparcom.neuron_cards import card_text, write_explain_page
@@ -313,21 +311,15 @@ def write_explanation(
 
     if neuron and snapshot is not None:
         named(lambda: neuron_named(snapshot, neuron))
-    model, tokenizer = load_for_analysis(model_spec, dtype, placement)
+    model, tokenizer = load_for_analysis(model_spec, loading)
     if neuron and snapshot is None:
         shapes = {site.name: site.shape for site, _ in find_sites(model) if site.kind != "router"}
         named(lambda: parse_neuron(neuron, shapes))
-    probe = _probe_of(snapshot, records, probe_per_category, seed)
+    batch_size = how.batch_size
+    probe = _probe_of(snapshot, records, probe.per_category, probe.seed)
     if snapshot is None:
-        snapshot = record(
-            model,
-            tokenizer,
-            probe,
-            token_scope=token_scope,
-            batch_size=batch_size,
-            per_instruction=False,  # the explorer reads category counts only
-            max_new_tokens=max_new_tokens,
-        )
+        # The explorer reads category counts only.
+        snapshot = record(model, tokenizer, probe, dataclasses.replace(how, per_instruction=False))
     neurons = [neuron_named(snapshot, neuron)] if neuron else most_specific(snapshot, per_category)
     cards = explain(model, tokenizer, probe, snapshot, neurons, top, batch_size, progress=True)
     if neuron:

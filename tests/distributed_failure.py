@@ -6,6 +6,7 @@ import torch.distributed as dist
 
 import sparcom
 from sparcom.models import load_model
+from sparcom.probe import Recording
 
 from helpers.models import per_category
 
@@ -21,5 +22,5 @@ if __name__ == "__main__":
                 raise RuntimeError("simulated device failure")
 
         model.model.layers[1].mlp.register_forward_pre_hook(fail_on_second_batch)
-    sparcom.record(model, tokenizer, per_category(3), batch_size=2, progress=False)
+    sparcom.record(model, tokenizer, per_category(3), Recording(batch_size=2), progress=False)
     dist.destroy_process_group()

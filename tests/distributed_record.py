@@ -7,6 +7,7 @@ import torch.distributed as dist
 
 import sparcom
 from sparcom.models import load_model
+from sparcom.probe import Recording
 
 from helpers.models import per_category
 
@@ -15,7 +16,11 @@ if __name__ == "__main__":
     model, tokenizer = load_model(sys.argv[2])
     scope = sys.argv[3] if len(sys.argv) > 3 else "prompt"
     snapshot = sparcom.record(
-        model, tokenizer, per_category(3), token_scope=scope, max_new_tokens=8, batch_size=4, progress=False
+        model,
+        tokenizer,
+        per_category(3),
+        Recording(token_scope=scope, max_new_tokens=8, batch_size=4),
+        progress=False,
     )
     if dist.get_rank() == 0:
         snapshot.save(sys.argv[1])

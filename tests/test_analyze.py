@@ -24,6 +24,7 @@ from sparcom.cli import compose
 from sparcom.intervention import intervene
 from sparcom.metrics import jaccard
 from sparcom.models import load_model
+from sparcom.probe import Recording
 from sparcom.select import category_isn
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, snapshot_series
 from sparcom.stats import expected_jaccard
@@ -190,7 +191,7 @@ def test_statistics_fields_are_null_with_the_reason_without_per_instruction_coun
     base_model, tokenizer = load_model("tiny-olmoe")
     tuned_model, _ = load_model("tiny-olmoe", seed=1)
     snapshots = [
-        sparcom.record(m, tokenizer, small_records, per_instruction=False, progress=False).save(
+        sparcom.record(m, tokenizer, small_records, Recording(per_instruction=False), progress=False).save(
             tmp_path / f"{n}.safetensors"
         )
         for n, m in (("a", base_model), ("b", tuned_model))

@@ -13,6 +13,7 @@ import torch
 
 import sparcom
 from sparcom.models import load_model
+from sparcom.probe import Recording
 from sparcom.recorder import Recorder
 from sparcom.sites import gate_weight
 
@@ -46,7 +47,7 @@ def test_a_negated_expert_gate_flips_exactly_the_pairs_routed_to_it(small_record
         gate_weight(planted.model.layers[-1].mlp.experts)[expert, neuron].neg_()
     flips = decision_flips(model, planted, tokenizer, small_records)
     # The batches decision_flips runs (8 rows), so every hidden state is bitwise the same.
-    routed = sparcom.record(model, tokenizer, small_records, batch_size=8, progress=False)
+    routed = sparcom.record(model, tokenizer, small_records, Recording(batch_size=8), progress=False)
     selections = int(routed.category_counts["model.layers.3.mlp.gate"][:, expert].sum())
     assert selections > 0
     assert flips["experts"]["differing"] == selections

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from callbacks import SparcomCallback
+from sparcom.config import TrainSparcomConfig
 from sparcom.models import load_model
 from sparcom.snapshot import snapshot_series
 
@@ -16,7 +17,8 @@ def test_callback_in_a_plain_trainer(tmp_path):
     model, tokenizer = load_model("tiny-olmoe")
     model.gradient_checkpointing_enable()
     trainer = plain_trainer(model, tokenizer, tmp_path, max_steps=4, save_steps=2)
-    callback = SparcomCallback(tokenizer, per_category(2), epsilons=[0.5], draw_figures=False)
+    callback = SparcomCallback(tokenizer, per_category(2), TrainSparcomConfig(epsilons=[0.5]))
+    callback.draw_figures = False
     trainer.add_callback(callback)
     trainer.train()
     assert sorted(snapshot_series(tmp_path / "snapshots")) == [0, 2, 4]
@@ -26,7 +28,9 @@ def test_callback_in_a_plain_trainer(tmp_path):
 
 def test_bad_callback_settings_fail_at_construction():
     _, tokenizer = load_model("tiny-llama")
-    with pytest.raises(ValueError, match=r"epsilon must be in \(0, 1\], got 0"):
-        SparcomCallback(tokenizer, [], epsilons=[0])
+    with pytest.raises(
+        ValueError, match=r"^sparcom.epsilons\[0\]: 0 is not a valid epsilon; expected a number in"
+    ):
+        SparcomCallback(tokenizer, [], TrainSparcomConfig(epsilons=[0]))
     with pytest.raises(ValueError, match="unknown selection mode 'top'"):
-        SparcomCallback(tokenizer, [], selection_mode="top")
+        SparcomCallback(tokenizer, [], TrainSparcomConfig(selection_mode="top"))

@@ -10,6 +10,7 @@ import torch
 
 import sparcom
 from sparcom.models import load_model
+from sparcom.probe import Recording
 from sparcom.snapshot import Snapshot
 
 from helpers.models import per_category, torchrun
@@ -36,7 +37,11 @@ def test_two_ranks_equal_one_process(preset, scope, tmp_path):
     reduced = Snapshot.load(out)
     model, tokenizer = load_model(preset)
     single = sparcom.record(
-        model, tokenizer, per_category(3), token_scope=scope, max_new_tokens=8, batch_size=4, progress=False
+        model,
+        tokenizer,
+        per_category(3),
+        Recording(token_scope=scope, max_new_tokens=8, batch_size=4),
+        progress=False,
     )
     assert reduced.tokens == single.tokens
     assert reduced.generated == single.generated  # each rank generated its share; all were shared

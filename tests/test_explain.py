@@ -34,6 +34,7 @@ from sparcom.explain import (
 )
 from sparcom.models import load_model
 from sparcom.neuron_cards import card_html
+from sparcom.probe import Recording
 from sparcom.sites import ARCHITECTURES
 from sparcom.snapshot import Snapshot
 
@@ -105,7 +106,11 @@ def test_top_contexts_are_the_largest_recomputed_activations(preset, scope):
     model, tokenizer = exact_model(preset)
     records = per_category(3)
     snapshot = sparcom.record(
-        model, tokenizer, records, token_scope=scope, max_new_tokens=12, batch_size=5, progress=False
+        model,
+        tokenizer,
+        records,
+        Recording(token_scope=scope, max_new_tokens=12, batch_size=5),
+        progress=False,
     )
     neurons = most_specific(snapshot, 2)
     if preset.endswith("moe"):  # a routed-expert neuron, which counts only where its expert is chosen

@@ -16,9 +16,11 @@ import torch
 import sparcom
 from callbacks import SparcomCallback
 from sparcom.comparison import Selection
+from sparcom.config import ProbeConfig, TrainSparcomConfig
 from sparcom.conversation import encode
 from sparcom.data import load_records
 from sparcom.models import load_model
+from sparcom.probe import Recording
 from sparcom.sites import ARCHITECTURES
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, generated_path, snapshot_series
 from sparcom.workflows import write_comparison
@@ -55,9 +57,7 @@ def test_continuation_is_the_models_greedy_output_and_stops_before_eos(preset):
         model,
         tokenizer,
         records,
-        token_scope="generated",
-        max_new_tokens=NEW_TOKENS,
-        batch_size=4,
+        Recording(token_scope="generated", max_new_tokens=NEW_TOKENS, batch_size=4),
         progress=False,
     )
     assert snapshot.generated[records[0]["id"]] == free[: free.index(stop)]  # the stop is not kept
@@ -78,9 +78,7 @@ def test_counts_equal_a_recount_of_the_saved_continuation(preset, tmp_path):
         model,
         tokenizer,
         records,
-        token_scope="generated",
-        max_new_tokens=NEW_TOKENS,
-        batch_size=5,
+        Recording(token_scope="generated", max_new_tokens=NEW_TOKENS, batch_size=5),
         progress=False,
     )
     saved = Snapshot.load(snapshot.save(tmp_path / "generated.safetensors"))
@@ -119,7 +117,11 @@ def test_continuations_are_readable_beside_the_snapshot_and_compare_across_model
         model, tokenizer = exact_model("tiny-llama", seed=seed)
         snapshots.append(
             sparcom.record(
-                model, tokenizer, records, token_scope="generated", max_new_tokens=6, progress=False
+                model,
+                tokenizer,
+                records,
+                Recording(token_scope="generated", max_new_tokens=6),
+                progress=False,
             )
         )
     base, tuned = snapshots
@@ -156,10 +158,12 @@ def test_an_moe_set_up_for_training_generates_the_same():
     step must not compute it (its router logits cover one token, the attention mask all of them)."""
     model, tokenizer = exact_model("tiny-qwen2-moe")
     records = per_category(1)
-    plain = sparcom.record(model, tokenizer, records, token_scope="generated", max_new_tokens=5, batch_size=4)
+    plain = sparcom.record(
+        model, tokenizer, records, Recording(token_scope="generated", max_new_tokens=5, batch_size=4)
+    )
     model.config.output_router_logits = True
     training = sparcom.record(
-        model, tokenizer, records, token_scope="generated", max_new_tokens=5, batch_size=4
+        model, tokenizer, records, Recording(token_scope="generated", max_new_tokens=5, batch_size=4)
     )
     assert training.generated == plain.generated
 
@@ -167,9 +171,11 @@ def test_an_moe_set_up_for_training_generates_the_same():
 def test_bad_generation_settings_fail_before_any_work():
     model, tokenizer = exact_model("tiny-llama")
     with pytest.raises(ValueError, match="max_new_tokens must be a positive integer, got 0"):
-        sparcom.record(model, tokenizer, per_category(1), token_scope="generated", max_new_tokens=0)
+        sparcom.record(
+            model, tokenizer, per_category(1), Recording(token_scope="generated", max_new_tokens=0)
+        )
     with pytest.raises(ValueError, match="unknown token_scope 'spoken'.*'generated'"):
-        sparcom.record(model, tokenizer, per_category(1), token_scope="spoken")
+        sparcom.record(model, tokenizer, per_category(1), Recording(token_scope="spoken"))
 
 
 @pytest.mark.slow
@@ -181,9 +187,9 @@ def test_callback_counts_each_checkpoints_own_words_and_restores_the_model(tmp_p
     probe = per_category(1)
     # One prompt per batch: the reference below generates unpadded, and float32 sums of padded
     # batches may round differently.
-    callback = SparcomCallback(
-        tokenizer, probe, token_scope="generated", max_new_tokens=6, batch_size=1, draw_figures=False
-    )
+    settings = TrainSparcomConfig(token_scope="generated", max_new_tokens=6, probe=ProbeConfig(batch_size=1))
+    callback = SparcomCallback(tokenizer, probe, settings)
+    callback.draw_figures = False
     trainer.add_callback(callback)
     trainer.train()
     assert model.training and model.is_gradient_checkpointing  # restored after every probe
@@ -225,9 +231,8 @@ def test_zero3_ranks_generate_in_step_and_record_what_one_process_records(tmp_pa
     single = sparcom.record(
         model,
         tokenizer,
-        [by_id[i] for i in Snapshot.load(series[6]).instruction_ids],  # the run's probe
-        token_scope="generated",
-        max_new_tokens=6,
+        [by_id[i] for i in Snapshot.load(series[6]).instruction_ids],
+        Recording(token_scope="generated", max_new_tokens=6),
         progress=False,
     )
     distributed = Snapshot.load(series[6])

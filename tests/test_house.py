@@ -76,3 +76,19 @@ def test_the_config_schema_and_the_errors_import_no_checks():
         "sparcom.config_errors",
         "sparcom.run_folder",
     }
+
+
+def test_no_public_function_takes_more_than_eight_parameters():
+    """Settings travel whole (the config's dataclasses, Edits, Recording, Selection, Loading), so no
+    public function needs a long list of loose arguments that could be passed in the wrong order."""
+    crowded = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef) and not node.name.startswith("_"):
+                arguments = node.args
+                names = [a.arg for a in [*arguments.posonlyargs, *arguments.args, *arguments.kwonlyargs]]
+                count = len([n for n in names if n not in ("self", "cls")])
+                count += bool(arguments.vararg) + bool(arguments.kwarg)
+                if count > 8:
+                    crowded.append(f"{path.name}:{node.name} ({count})")
+    assert crowded == []

@@ -14,7 +14,7 @@ from trl import SFTConfig, SFTTrainer
 
 import sparcom
 from callbacks import ResilientWandbCallback, SparcomCallback
-from sparcom.config import IsnTrainingConfig
+from sparcom.config import IsnTrainingConfig, TrainSparcomConfig
 from sparcom.intervention import intervene, neuron_sites
 from sparcom.isn_training import (
     MASK_FILE,
@@ -110,7 +110,7 @@ def test_isn_only_sft_with_the_drift_callback_and_wandb(tmp_path, monkeypatch):
     )
     callbacks = [
         ResilientWandbCallback(),
-        SparcomCallback(tokenizer, probe, epsilons=[0.5]),
+        SparcomCallback(tokenizer, probe, TrainSparcomConfig(epsilons=[0.5])),
     ]
     trainer = SFTTrainer(
         model=model,

@@ -12,6 +12,7 @@ import sparcom
 from sparcom.conversation import encode, messages
 from sparcom.models import TINY_PRESETS, load_model
 from sparcom.packaged import PACKAGED
+from sparcom.probe import Recording
 from sparcom.sites import ARCHITECTURES
 
 from helpers.models import exact_model
@@ -100,7 +101,9 @@ def _weight_bytes(model) -> int:
 
 def test_offloaded_layers_record_exactly_what_resident_ones_do(saved_exact_moe, small_records, tmp_path):
     resident, tokenizer = load_model(str(saved_exact_moe), dtype="float64")
-    plain = sparcom.record(_eager(resident), tokenizer, small_records, token_scope="all", progress=False)
+    plain = sparcom.record(
+        _eager(resident), tokenizer, small_records, Recording(token_scope="all"), progress=False
+    )
 
     # Room on the CPU for about two layers: accelerate puts the rest on disk, loaded per forward.
     budget = int(0.8 * _weight_bytes(resident))
@@ -116,13 +119,17 @@ def test_offloaded_layers_record_exactly_what_resident_ones_do(saved_exact_moe, 
         name.startswith("model.layers.") and device == "cpu" for name, device in placements.items()
     ), placements
     assert dispatched.model.layers[3].mlp.experts.gate_up_proj.device.type == "meta"  # truly offloaded
-    on_disk = sparcom.record(_eager(dispatched), tokenizer, small_records, token_scope="all", progress=False)
+    on_disk = sparcom.record(
+        _eager(dispatched), tokenizer, small_records, Recording(token_scope="all"), progress=False
+    )
 
     from accelerate import cpu_offload
 
     offloaded, _ = load_model(str(saved_exact_moe), dtype="float64")
     cpu_offload(_eager(offloaded), execution_device=torch.device("cpu"))  # every weight in an offload store
-    in_store = sparcom.record(offloaded, tokenizer, small_records, token_scope="all", progress=False)
+    in_store = sparcom.record(
+        offloaded, tokenizer, small_records, Recording(token_scope="all"), progress=False
+    )
 
     assert any(int(c.sum()) > 0 for c in plain.instruction_counts.values())
     for snapshot in (on_disk, in_store):
@@ -167,9 +174,12 @@ def test_analyze_dispatches_a_model_over_cpu_and_disk_and_counts_the_same(
 ):
     """analyze.py's device_map, max_memory and offload_folder reach accelerate: the recording it
     makes of a model spread over CPU memory and disk equals the resident model's, count for count."""
-    from analyze import placement
+    import dataclasses
+
+    from analyze import loading
     from sparcom.cli import compose
-    from sparcom.workflows import load_for_analysis, record_model
+    from sparcom.config import ProbeConfig
+    from sparcom.workflows import Loading, load_for_analysis, record_model
 
     budget = int(0.8 * _weight_bytes(load_model(str(saved_exact_moe), dtype="float64")[0]))
     cfg = compose(
@@ -183,13 +193,12 @@ def test_analyze_dispatches_a_model_over_cpu_and_disk_and_counts_the_same(
         ],
     )
     spec = {"name_or_path": str(saved_exact_moe)}
-    dispatched, _ = load_for_analysis(spec, "float64", placement(cfg))
+    dispatch = dataclasses.replace(loading(cfg), dtype="float64")
+    dispatched, _ = load_for_analysis(spec, dispatch)
     assert "disk" in dispatched.hf_device_map.values()
-    settings = dict(
-        per_category=2, seed=0, token_scope="all", batch_size=4, per_instruction=True, dtype="float64"
-    )
-    offloaded = record_model(spec, small_records, placement=placement(cfg), **settings)
-    resident = record_model(spec, small_records, **settings)
+    probe, how = ProbeConfig(per_category=2), Recording(token_scope="all", batch_size=4)
+    offloaded = record_model(spec, small_records, probe, how, dispatch)
+    resident = record_model(spec, small_records, probe, how, Loading(dtype="float64"))
     assert any(int(c.sum()) > 0 for c in resident.instruction_counts.values())
     for site, counts in resident.instruction_counts.items():
         assert torch.equal(offloaded.instruction_counts[site], counts), site

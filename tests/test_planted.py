@@ -8,6 +8,7 @@ import torch
 import sparcom
 from sparcom.data import CATEGORIES
 from sparcom.models import load_model
+from sparcom.probe import Recording
 from sparcom.select import category_isn
 
 CANDIDATE_WORDS = [
@@ -72,7 +73,9 @@ def test_planted_neurons_are_recovered_exactly():
         for k, c in enumerate(CATEGORIES)
         for i in range(3)
     ]
-    snapshot = sparcom.record(model, tokenizer, records, token_scope="prompt", batch_size=4, progress=False)
+    snapshot = sparcom.record(
+        model, tokenizer, records, Recording(token_scope="prompt", batch_size=4), progress=False
+    )
     for k, category in enumerate(CATEGORIES):
         chosen = category_isn(snapshot, category, epsilon=0.5)["model.layers.0.mlp"]
         assert chosen.nonzero().flatten().tolist() == [k], category

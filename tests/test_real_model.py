@@ -14,6 +14,7 @@ from sparcom.data import load_records
 from sparcom.errors import ConfigError
 from sparcom.models import load_model
 from sparcom.packaged import PACKAGED, Packaged, cache_root, check_installed, recorded_sha256
+from sparcom.probe import Recording
 from sparcom.training import probe_set, sft_dataset
 
 PRESET = "smollm2-135m-instruct"
@@ -134,7 +135,9 @@ def test_counts_equal_a_float64_recount_from_the_weights_at_batch_sizes_1_and_8(
     model, with hooks of the test's own; disagreement is allowed only within float error of zero."""
     model, tokenizer = smollm2
     records = probe_set(load_records(), 2, seed=3)
-    snapshots = {b: sparcom.record(model, tokenizer, records, batch_size=b, progress=False) for b in (1, 8)}
+    snapshots = {
+        b: sparcom.record(model, tokenizer, records, Recording(batch_size=b), progress=False) for b in (1, 8)
+    }
     reference = load_model(PRESET)[0].to(torch.float64)
     mlps = {name: m for name, m in reference.named_modules() if type(m).__name__ == "LlamaMLP"}
     inputs: dict[str, torch.Tensor] = {}

@@ -11,6 +11,7 @@ import torch
 import sparcom
 from sparcom.host_rows import count_dtype
 from sparcom.models import TINY_PRESETS, load_model
+from sparcom.probe import Recording
 from sparcom.recorder import Recorder, count_memory, exact_float
 from sparcom.sites import ARCHITECTURES, UnsupportedModelError, find_sites
 
@@ -32,7 +33,7 @@ def test_counts_equal_independent_recomputation(preset, small_records):
     model, tokenizer = exact_model(preset)
     reference = _reference(model, tokenizer, small_records, "all")
     snapshot = sparcom.record(
-        model, tokenizer, small_records, token_scope="all", batch_size=5, progress=False
+        model, tokenizer, small_records, Recording(token_scope="all", batch_size=5), progress=False
     )
     reference.remove()
     expected = reference.counts()
@@ -45,8 +46,8 @@ def test_counts_equal_independent_recomputation(preset, small_records):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_batch_size_does_not_change_counts(preset, small_records):
     model, tokenizer = exact_model(preset)
-    one = sparcom.record(model, tokenizer, small_records, batch_size=1, progress=False)
-    sixteen = sparcom.record(model, tokenizer, small_records, batch_size=16, progress=False)
+    one = sparcom.record(model, tokenizer, small_records, Recording(batch_size=1), progress=False)
+    sixteen = sparcom.record(model, tokenizer, small_records, Recording(batch_size=16), progress=False)
     assert one.tokens == sixteen.tokens
     for site in one.category_counts:
         assert torch.equal(one.instruction_counts[site], sixteen.instruction_counts[site]), site
@@ -55,7 +56,7 @@ def test_batch_size_does_not_change_counts(preset, small_records):
 @pytest.mark.parametrize("preset", [p for p in PRESETS if ARCHITECTURES[TINY_PRESETS[p][0]].moe_block])
 def test_router_totals_and_expert_bounds(preset, small_records):
     model, tokenizer = exact_model(preset)
-    snapshot = sparcom.record(model, tokenizer, small_records, token_scope="all", progress=False)
+    snapshot = sparcom.record(model, tokenizer, small_records, Recording(token_scope="all"), progress=False)
     top_k = model.config.num_experts_per_tok
     for router in snapshot.sites("router"):
         per_category = snapshot.category_counts[router].sum(dim=1)
@@ -73,7 +74,7 @@ def test_every_experts_implementation_counts_right(implementation, small_records
     model.set_experts_implementation(implementation)
     reference = _reference(model, tokenizer, small_records, "all")
     snapshot = sparcom.record(
-        model, tokenizer, small_records, token_scope="all", batch_size=4, progress=False
+        model, tokenizer, small_records, Recording(token_scope="all", batch_size=4), progress=False
     )
     reference.remove()
     expected = reference.counts()
@@ -88,7 +89,7 @@ def test_padding_never_counts(small_records):
     """Token totals equal the mask lengths; padding rows in a length-bucketed batch add nothing."""
     model, tokenizer = exact_model("tiny-llama")
     snapshot = sparcom.record(
-        model, tokenizer, small_records, token_scope="response", batch_size=7, progress=False
+        model, tokenizer, small_records, Recording(token_scope="response", batch_size=7), progress=False
     )
     expected = {c: 0 for c in snapshot.categories}
     for r in small_records:
@@ -101,7 +102,7 @@ def test_padding_never_counts(small_records):
 def test_scopes_partition_the_tokens(small_records):
     model, tokenizer = exact_model("tiny-olmoe")
     prompt, response, both = (
-        sparcom.record(model, tokenizer, small_records, token_scope=s, progress=False)
+        sparcom.record(model, tokenizer, small_records, Recording(token_scope=s), progress=False)
         for s in ("prompt", "response", "all")
     )
     for site in both.category_counts:
@@ -129,9 +130,9 @@ def test_unsupported_architecture_lists_supported():
 def test_bad_arguments_fail_early(small_records):
     model, tokenizer = sparcom.models.load_model("tiny-llama")
     with pytest.raises(ValueError, match="token_scope 'instructions'.*prompt"):
-        sparcom.record(model, tokenizer, small_records, token_scope="instructions")
+        sparcom.record(model, tokenizer, small_records, Recording(token_scope="instructions"))
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
-        sparcom.record(model, tokenizer, small_records, batch_size=0)
+        sparcom.record(model, tokenizer, small_records, Recording(batch_size=0))
 
 
 def test_non_finite_activations_warn_with_the_site(small_records):
@@ -154,7 +155,7 @@ def test_count_buffers_on_the_device_are_bounded_by_the_batch(preset):
     for per_category in (1, 6):
         records = conftest.per_category(per_category)
         fullest, snapshot = count_bytes_at_fullest(
-            model, partial(sparcom.record, model, tokenizer, records, batch_size=2, progress=False)
+            model, partial(sparcom.record, model, tokenizer, records, Recording(batch_size=2), progress=False)
         )
         expected = count_memory(sites, batch_size=2, num_categories=6, num_instructions=len(records))
         assert fullest == expected.device, per_category
@@ -204,7 +205,7 @@ def test_stopping_the_forward_after_the_last_site_counts_the_same(preset, small_
     projections, the final norm and the head are not needed): the counts equal those of the whole
     forward, and the model's modules are left as they were."""
     model, tokenizer = exact_model(preset)
-    cut = sparcom.record(model, tokenizer, small_records, batch_size=4, progress=False)
+    cut = sparcom.record(model, tokenizer, small_records, Recording(batch_size=4), progress=False)
     original = Recorder.__init__
 
     def whole(self, *args, **kwargs):
@@ -213,7 +214,7 @@ def test_stopping_the_forward_after_the_last_site_counts_the_same(preset, small_
 
     Recorder.__init__ = whole
     try:
-        full = sparcom.record(model, tokenizer, small_records, batch_size=4, progress=False)
+        full = sparcom.record(model, tokenizer, small_records, Recording(batch_size=4), progress=False)
     finally:
         Recorder.__init__ = original
     assert Recorder(model, 6).stops_early  # the cut was taken

@@ -9,6 +9,7 @@ import torch
 
 import sparcom
 from sparcom.models import load_model
+from sparcom.probe import Recording
 from sparcom.snapshot import Snapshot, SnapshotError
 
 
@@ -68,8 +69,12 @@ def test_truncated_or_foreign_file_names_the_file(snapshot, tmp_path):
 def test_shards_add_up_to_the_whole(small_records):
     model, tokenizer = load_model("tiny-llama")
     whole = sparcom.record(model, tokenizer, small_records, progress=False)
-    first = sparcom.record(model, tokenizer, small_records[::2], per_instruction=False, progress=False)
-    second = sparcom.record(model, tokenizer, small_records[1::2], per_instruction=False, progress=False)
+    first = sparcom.record(
+        model, tokenizer, small_records[::2], Recording(per_instruction=False), progress=False
+    )
+    second = sparcom.record(
+        model, tokenizer, small_records[1::2], Recording(per_instruction=False), progress=False
+    )
     merged = first + second
     assert merged.tokens == whole.tokens
     for site in whole.category_counts:

@@ -20,6 +20,7 @@ from sparcom.conversation import encode
 from sparcom.explain import most_specific, top_activations
 from sparcom.generation import greedy_continuations
 from sparcom.models import build_tiny
+from sparcom.probe import Recording
 from sparcom.recorder import inference_mode
 
 from recording import BATCH, MODELS, bare_forward, probe_records, ratio, side_by_side
@@ -38,7 +39,7 @@ def report(per_category: int, rounds: int) -> dict:
     results = {}
     for name, (preset, overrides) in MODELS.items():
         model, tokenizer = build_tiny(preset, **overrides)
-        snapshot = sparcom.record(model, tokenizer, records, batch_size=BATCH, progress=False)
+        snapshot = sparcom.record(model, tokenizer, records, Recording(batch_size=BATCH), progress=False)
         neurons = most_specific(snapshot, PER_CATEGORY_NEURONS)
 
         def explain_pass(model=model, tokenizer=tokenizer, neurons=neurons):
@@ -54,12 +55,16 @@ def report(per_category: int, rounds: int) -> dict:
             with inference_mode(model):
                 greedy_continuations(model, tokenizer, prompts, NEW_TOKENS, BATCH)
 
-        record = partial(sparcom.record, model, tokenizer, records, batch_size=BATCH, progress=False)
+        generated_scope = Recording(token_scope="generated", batch_size=BATCH, max_new_tokens=NEW_TOKENS)
         generated = side_by_side(
             {
-                "prompt scope": record,
+                "prompt scope": partial(
+                    sparcom.record, model, tokenizer, records, Recording(batch_size=BATCH), progress=False
+                ),
                 "generate only": generate_only,
-                "generated scope": partial(record, token_scope="generated", max_new_tokens=NEW_TOKENS),
+                "generated scope": partial(
+                    sparcom.record, model, tokenizer, records, generated_scope, progress=False
+                ),
             },
             rounds,
         )

@@ -18,10 +18,11 @@ import torch
 
 import sparcom
 from callbacks import SparcomCallback
+from sparcom.config import RecordConfig, TrainSparcomConfig
 from sparcom.conversation import encode
 from sparcom.data import load_records
 from sparcom.models import load_model
-from sparcom.probe import length_bucketed, pad_batch
+from sparcom.probe import Recording, length_bucketed, pad_batch
 from sparcom.training import probe_set, run_records, sft_dataset
 
 from recording import ratio, side_by_side
@@ -42,7 +43,7 @@ def bare_forward(model, tokenizer, records) -> None:
 
 
 def record(model, tokenizer, records) -> None:
-    sparcom.record(model, tokenizer, records, batch_size=BATCH, progress=False)
+    sparcom.record(model, tokenizer, records, Recording(batch_size=BATCH), progress=False)
 
 
 def peak_rss_child(per_category: int) -> None:
@@ -61,7 +62,7 @@ def snapshot_seconds(model, tokenizer, rounds: int) -> float:
     _, held_out, probe = run_records(load_records(), 20, 0, "held_out", 20, 0)
     times = []
     with tempfile.TemporaryDirectory() as out:
-        callback = SparcomCallback(tokenizer, probe, snapshot_dir=out, held_out=held_out, max_length=512)
+        callback = SparcomCallback(tokenizer, probe, held_out=held_out, max_length=512, snapshot_dir=out)
         callback.draw_figures = False
         state = SimpleNamespace(global_step=0, is_world_process_zero=True)
         callback._snapshot(None, state, model)
@@ -106,7 +107,10 @@ def step_seconds(with_callback: bool, steps: int) -> list[float]:
         if with_callback:
             trainer.add_callback(
                 SparcomCallback(
-                    tokenizer, probe_set(records, 2), snapshot_dir=out + "/snapshots", on_save=False
+                    tokenizer,
+                    probe_set(records, 2),
+                    TrainSparcomConfig(record=RecordConfig(on_save=False)),
+                    snapshot_dir=out + "/snapshots",
                 )
             )
         trainer.train()

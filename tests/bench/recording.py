@@ -23,7 +23,7 @@ import sparcom
 from sparcom.conversation import encode
 from sparcom.data import CATEGORIES, load_records
 from sparcom.models import build_tiny
-from sparcom.probe import length_bucketed, pad_batch
+from sparcom.probe import Recording, length_bucketed, pad_batch
 
 LLAMA = dict(
     num_hidden_layers=8, hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4
@@ -53,7 +53,9 @@ def bare_forward(model, tokenizer, records, logits: bool = True) -> None:
 
 
 def sparcom_record(model, tokenizer, records) -> sparcom.Snapshot:
-    return sparcom.record(model, tokenizer, records, token_scope=SCOPE, batch_size=BATCH, progress=False)
+    return sparcom.record(
+        model, tokenizer, records, Recording(token_scope=SCOPE, batch_size=BATCH), progress=False
+    )
 
 
 def nnsight_trace(model, tokenizer, records) -> None:
@@ -165,12 +167,12 @@ SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
 
 def host_syncs(model, tokenizer, records) -> dict[str, int]:
     """Calls that force a host synchronisation (``SYNCING``) made during the recording loop
-    (``sparcom.probe.run_batches``, every batch from input transfer to the copy of its rows), split
+    (``sparcom.probe._run_batches``, every batch from input transfer to the copy of its rows), split
     by who made them: the model's forward (code of transformers or torch, which a bare forward runs
     too), or the recording itself (everything else: sparcom's loop and hooks)."""
     import transformers
 
-    loop = sparcom.probe.run_batches
+    loop = sparcom.probe._run_batches
     libraries = tuple(str(Path(package.__file__).parent) for package in (transformers, torch))
     calls = {"sparcom": 0, "model": 0, "batches": 0}
     inside = [False]
@@ -194,12 +196,12 @@ def host_syncs(model, tokenizer, records) -> dict[str, int]:
         return wrapper
 
     try:
-        sparcom.probe.run_batches = counted_loop
+        sparcom.probe._run_batches = counted_loop
         for name, original in originals.items():
             setattr(torch.Tensor, name, counting(original))
         sparcom_record(model, tokenizer, records)
     finally:
-        sparcom.probe.run_batches = loop
+        sparcom.probe._run_batches = loop
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
     calls["batches"] = len(length_bucketed([0] * len(records), BATCH))

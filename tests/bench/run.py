@@ -6,7 +6,7 @@ memory, host synchronisations), ``training`` (the callback's overhead on a train
 comparison of two snapshots of each real model's shape: peak RSS and time against the size on
 disk), ``statistics`` (each statistics pass against the full-sample statistic it resamples),
 ``real`` (SmolLM2-135M-Instruct, the packaged real model: recording against a bare forward, peak
-RSS, a training-run snapshot, steps with and without the callback), ``isn`` (ISN-only fine-tuning against LoRA and full fine-tuning), ``explain`` (the neuron
+RSS, a training-run snapshot, steps with and without the callback), ``edits`` (ablation and steering against the same number of bare forward passes), ``isn`` (ISN-only fine-tuning against LoRA and full fine-tuning), ``explain`` (the neuron
 explorer's pass and the generated token scope against the forwards they need) and ``coverage`` (the bootstrap
 intervals' coverage over synthetic datasets; long, so not in the default run). ``--device cuda
 --dtype bfloat16`` runs the scale section on a GPU, where it also reports device memory and how
@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import analysis_scale
+import edits
 import explorer
 import isn_vs_lora
 import real
@@ -32,7 +33,18 @@ import recording
 import training
 from helpers.synthetic_shapes import LAYOUTS
 
-SECTIONS = ("recording", "training", "real", "scale", "analysis", "statistics", "isn", "explain", "coverage")
+SECTIONS = (
+    "recording",
+    "training",
+    "real",
+    "scale",
+    "analysis",
+    "statistics",
+    "isn",
+    "edits",
+    "explain",
+    "coverage",
+)
 DEFAULT = SECTIONS[:-1]
 HERE = Path(__file__).resolve().parent
 
@@ -98,6 +110,8 @@ def main() -> int:
         printed("stats.py")
     if "isn" in args.sections:
         results["isn"] = isn_vs_lora.report(args.isn_steps, args.isn_seeds)
+    if "edits" in args.sections:
+        results["edits"] = edits.report(rounds=min(args.rounds, 2))
     if "explain" in args.sections:
         results["explain"] = explorer.report(args.per_category, args.rounds)
     if "coverage" in args.sections:

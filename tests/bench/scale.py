@@ -248,9 +248,9 @@ def gpu_figures(model, tokenizer, records, dtype) -> dict:
 
 
 def cuda_syncs_in_loop(model, tokenizer, records) -> dict[str, int]:
-    """Synchronising CUDA calls during ``sparcom.probe.run_batches`` (CUDA's sync debug mode warns
+    """Synchronising CUDA calls during ``sparcom.probe._run_batches`` (CUDA's sync debug mode warns
     on each, naming the Python line that made it), split into sparcom's and the model's."""
-    loop = sparcom.probe.run_batches
+    loop = sparcom.probe._run_batches
     ours = str(Path(sparcom.__file__).parent)
 
     def debugged(*args, **kwargs):
@@ -262,11 +262,11 @@ def cuda_syncs_in_loop(model, tokenizer, records) -> dict[str, int]:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sparcom.probe.run_batches = debugged
+        sparcom.probe._run_batches = debugged
         try:
             sparcom_record(model, tokenizer, records)
         finally:
-            sparcom.probe.run_batches = loop
+            sparcom.probe._run_batches = loop
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     mine = sum(1 for w in syncs if w.filename.startswith(ours))
     return {"sparcom": mine, "model": len(syncs) - mine}

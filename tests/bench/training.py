@@ -72,7 +72,7 @@ def snapshot_vs_forward(preset: str, overrides: dict, rounds: int, bare_forward)
     with tempfile.TemporaryDirectory() as out:
         os.environ["WANDB_SILENT"] = "true"
         wandb.init(mode="offline", dir=out, project="sparcom-bench")
-        callback = SparcomCallback(tokenizer, probe, epsilons=[0.3, 0.5, 0.7], snapshot_dir=out)
+        callback = SparcomCallback(tokenizer, probe, snapshot_dir=out)
         state = SimpleNamespace(global_step=0, is_world_process_zero=True)
         callback._snapshot(None, state, model)  # the base
         for step in range(1, rounds + 1):
