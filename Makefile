@@ -39,9 +39,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) tests/bench/run.py
 
-# After upgrading TRL: rewrite sparcom/sft_fields.json, the SFTConfig fields trainer.args accepts.
+# After upgrading TRL: rewrite sparcom/config/sft_fields.json, the SFTConfig fields trainer.args accepts.
 sft-fields: $(STAMP)
-	$(PY) -m sparcom.sft_fields
+	$(PY) -m sparcom.config.sft_fields
 
 clean:
 	rm -rf $(VENV) outputs multirun analysis wandb

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from sparcom import cli
 from sparcom.config import AnalyzeConfig, PairConfig, model_preset
-from sparcom.config_check import check, check_data, check_models_loadable, to_object
+from sparcom.config.checks import check, check_data, check_models_loadable, to_object
 
 
 @dataclass
@@ -39,8 +39,8 @@ class Inputs:
 
 def inputs_of(cfg: AnalyzeConfig) -> list[Inputs]:
     """The comparisons to make: a run's first and last snapshots, or each pair of specs."""
+    from sparcom.report.workflows import read_run
     from sparcom.snapshot import Snapshot
-    from sparcom.workflows import read_run
 
     if cfg.run:
         run = read_run(cfg.run)
@@ -65,7 +65,7 @@ def analyze(cfg: AnalyzeConfig, out: Path) -> list[Path]:
     check(cfg)  # what to_object checked, for a config built in Python
     records = check_data(cfg)
     check_models_loadable(cfg)
-    from sparcom.report import write_index
+    from sparcom.report.pages import write_index
 
     if cfg.sweep:
         reports = [sweep(cfg, out / "sweep")]
@@ -84,9 +84,9 @@ def analyze(cfg: AnalyzeConfig, out: Path) -> list[Path]:
 
 def sweep(cfg: AnalyzeConfig, out: Path) -> Path:
     """A sweep's jobs side by side: table and figures against the swept settings."""
-    from sparcom.comparison import Statistics
     from sparcom.data import CATEGORIES
-    from sparcom.sweep import sweep_folders, sweep_jobs, write_sweep
+    from sparcom.report.sweep import sweep_folders, sweep_jobs, write_sweep
+    from sparcom.stats.comparison import Statistics
 
     st = cfg.stats
     statistics = Statistics(st.resamples, st.permutations, st.splits, st.seed) if st.enabled else None
@@ -97,26 +97,26 @@ def sweep(cfg: AnalyzeConfig, out: Path) -> Path:
 
 def loading(cfg: AnalyzeConfig):
     """How models are loaded here: the dtype and accelerate's dispatch settings."""
-    from sparcom.workflows import Loading
+    from sparcom.report.workflows import Loading
 
     return Loading(cfg.dtype, cfg.device_map, cfg.max_memory, cfg.offload_folder)
 
 
 def recorded(cfg: AnalyzeConfig, side, records):
     """A snapshot as given, or recorded now from a model spec on the configured probe set."""
+    from sparcom.report.workflows import record_model
     from sparcom.snapshot import Snapshot
-    from sparcom.workflows import record_model
 
     if isinstance(side, Snapshot):
         return side
-    from sparcom.probe import Recording
+    from sparcom.recording.probe import Recording
 
     return record_model(side, records, cfg.sparcom.probe, Recording.of(cfg.sparcom), loading(cfg))
 
 
 def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
-    from sparcom.comparison import Selection, Statistics
-    from sparcom.workflows import write_comparison
+    from sparcom.report.workflows import write_comparison
+    from sparcom.stats.comparison import Selection, Statistics
 
     base, tuned = recorded(cfg, item.base, records), recorded(cfg, item.tuned, records)
     s, st = cfg.sparcom, cfg.stats
@@ -136,7 +136,7 @@ def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
 
 def edits(cfg: AnalyzeConfig, settings):
     """The ablation's or steering's settings (``cfg.ablate`` or ``cfg.steer``) as ``Edits``."""
-    from sparcom.edit_effects import Edits
+    from sparcom.edit.effects import Edits
 
     return Edits(
         epsilon=settings.epsilon,
@@ -150,14 +150,14 @@ def edits(cfg: AnalyzeConfig, settings):
 
 
 def ablate(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
-    from sparcom.workflows import write_ablation
+    from sparcom.report.workflows import write_ablation
 
     snapshot = recorded(cfg, item.tuned, records)
     return write_ablation(out, item.model, snapshot, records, edits(cfg, cfg.ablate), loading(cfg))
 
 
 def steer(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
-    from sparcom.workflows import write_steering
+    from sparcom.report.workflows import write_steering
 
     snapshot = recorded(cfg, item.tuned, records)
     e = edits(cfg, cfg.steer)
@@ -166,14 +166,14 @@ def steer(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
 
 def explain(cfg: AnalyzeConfig, out: Path, records) -> Path | str:
     """A run's final model with its snapshot, or the ``base`` model recorded now; one neuron's card as text."""
-    from sparcom.workflows import explained_snapshot, read_run, write_explanation
+    from sparcom.report.workflows import explained_snapshot, read_run, write_explanation
 
     if cfg.run:
         run = read_run(cfg.run)
         spec, snapshot = run.final_model, explained_snapshot(run)
     else:
         spec, snapshot = model_preset(cfg.base), None
-    from sparcom.probe import Recording
+    from sparcom.recording.probe import Recording
 
     return write_explanation(
         out,

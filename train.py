@@ -19,9 +19,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from sparcom import cli
 from sparcom.config import TrainConfig
-from sparcom.config_check import check, check_data, check_models_loadable, to_object
-from sparcom.run_folder import Interrupted, check_resume, check_run_dir, latest_checkpoint, record_resume
-from sparcom.training import (
+from sparcom.config.checks import check, check_data, check_models_loadable, to_object
+from sparcom.train.run_folder import (
+    Interrupted,
+    check_resume,
+    check_run_dir,
+    latest_checkpoint,
+    record_resume,
+)
+from sparcom.train.sft import (
     Launch,
     finish_wandb,
     log_settings,
@@ -33,7 +39,7 @@ from sparcom.training import (
 )
 
 if TYPE_CHECKING:
-    from sparcom.drift import RunResult
+    from sparcom.train.drift import RunResult
 
 
 def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> RunResult | None:
@@ -60,8 +66,8 @@ def train(cfg: TrainConfig, run_dir: Path, launch: Launch | None = None) -> RunR
     )
 
     from callbacks import SparcomCallback  # only now: every input is checked; torch takes seconds
-    from sparcom.drift import run_result
     from sparcom.snapshot import check_continues
+    from sparcom.train.drift import run_result
 
     resume = latest_checkpoint(run_dir) if cfg.resume is True else cfg.resume or None
     if cfg.resume:  # drift is only drift against a base recorded on the same probe set
@@ -104,7 +110,7 @@ def sft_trainer(cfg: TrainConfig, run_dir: Path, records, held_out, probe, wandb
     from trl import SFTConfig, SFTTrainer
 
     from callbacks import ResilientWandbCallback, SparcomCallback
-    from sparcom.models import load_model
+    from sparcom.models.loading import load_model
 
     model, tokenizer = load_model(
         cfg.model.name_or_path, cfg.model.dtype, cfg.model.chat_template_from, seed=cfg.seed
@@ -172,8 +178,8 @@ def share_cores() -> None:
 def isn_setup(cfg: TrainConfig, model, tokenizer, probe, run_dir: Path, rank: int):
     """Parametrize ``model`` to train only the ISNs its recording of the probe set selects (on
     resume: the mask the run saved); returns that recording, the run's step-0 snapshot (None on resume)."""
-    from sparcom.isn_training import MASK_FILE, isn_only
-    from sparcom.probe import Recording, record
+    from sparcom.recording.probe import Recording, record
+    from sparcom.train.isn_training import MASK_FILE, isn_only
 
     isn = cfg.trainer.isn
     snapshot = None

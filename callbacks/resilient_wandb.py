@@ -44,7 +44,7 @@ class ResilientWandbCallback(WandbCallback):
         if not state.is_world_process_zero:
             return None
         try:
-            from sparcom.drift import SUMMARIES
+            from sparcom.train.drift import SUMMARIES
 
             self._wandb.define_metric("train/global_step")
             for pattern, summary in SUMMARIES.items():  # the best loss, the drift where it ended

@@ -10,15 +10,15 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from sparcom.analysis import layer_profiles, overlap_matrix
-from sparcom.artifacts import log_checkpoint, log_snapshot
 from sparcom.config import StatsConfig, TrainSparcomConfig
-from sparcom.config_check import check_sparcom
-from sparcom.drift import TABLE_COLUMNS, DriftPoint, append_drift, drift_point, read_drift, write_drift
-from sparcom.probe import Recording, record
-from sparcom.resampling import sampling_stability
-from sparcom.select import SELECTION_MODES
+from sparcom.config.checks import check_sparcom
+from sparcom.recording.probe import Recording, record
 from sparcom.snapshot import SNAPSHOT_NAME, Snapshot, check_continues, snapshot_series
+from sparcom.stats.analysis import layer_profiles, overlap_matrix
+from sparcom.stats.resampling import sampling_stability
+from sparcom.stats.select import SELECTION_MODES
+from sparcom.train.artifacts import log_checkpoint, log_snapshot
+from sparcom.train.drift import TABLE_COLUMNS, DriftPoint, append_drift, drift_point, read_drift, write_drift
 
 
 class SparcomCallback(TrainerCallback):
@@ -192,7 +192,7 @@ class SparcomCallback(TrainerCallback):
         if not self.held_out:
             return {}
         if self._held_out_loss is None:
-            from sparcom.response_loss import ResponseLoss
+            from sparcom.recording.response_loss import ResponseLoss
 
             self._held_out_loss = ResponseLoss(
                 self.tokenizer, self.held_out, categories, self.recording.batch_size, self.max_length
@@ -244,7 +244,7 @@ class SparcomCallback(TrainerCallback):
 
     def _figures(self, step: int, snapshot: Snapshot, run) -> None:
         """Draw the step's overlap matrix and layer profile to disk, and log them if W&B is on."""
-        from sparcom.figures import layer_profile_plot, overlap_heatmap
+        from sparcom.report.figures import layer_profile_plot, overlap_heatmap
 
         epsilon = self.overlap_epsilon
         folder = self.snapshot_dir / "figures"

@@ -18,11 +18,11 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict, read_write
 
 from sparcom.config import CONF, AnalyzeConfig, TrainConfig, register
-from sparcom.config_check import to_object
-from sparcom.config_errors import one_line
+from sparcom.config.checks import to_object
+from sparcom.config.messages import one_line
 from sparcom.errors import ConfigError
-from sparcom.run_folder import check_resume, check_run_dir, check_writable
-from sparcom.training import Launch
+from sparcom.train.run_folder import check_resume, check_run_dir, check_writable
+from sparcom.train.sft import Launch
 
 STAMP = "SPARCOM_RUN_STAMP"  # the launch's folder name, shared by every rank of a job
 SWEPT = "SPARCOM_SWEPT"  # the keys a multirun sweeps, for its jobs' W&B names
@@ -105,7 +105,7 @@ def resumed_overrides(overrides: list[str], multirun: bool) -> list[str]:
     """A resume's command line: the run's own overrides (the launch that started it, and every
     extension recorded since), then the ones given now, the folder's Hydra record left as it is.
     ``resume=<checkpoint>`` alone resumes the run that holds the checkpoint."""
-    from sparcom.run_folder import launch_overrides
+    from sparcom.train.run_folder import launch_overrides
 
     values = {key: value for key, value, _ in _parsed(overrides)}
     resume = values.get("resume")
@@ -180,7 +180,7 @@ def checked(config_name: str, overrides: Sequence[str], number: int = 0, multiru
     """One job's config composed as Hydra will compose it, converted and checked, with its data and
     its output folder (on the main rank: the others start while it writes into the folder). A folder
     that does not exist yet is remembered, so that bad input found later removes it again."""
-    from sparcom.config_check import check_data, check_models_loadable
+    from sparcom.config.checks import check_data, check_models_loadable
 
     typed, hydra = _composed(config_name, overrides, with_hydra=True)
     main_rank = int(os.environ.get("RANK", "0")) == 0
@@ -269,7 +269,7 @@ def exits_on_bad_input(task):
 
     @functools.wraps(task)
     def wrapper(*args, **kwargs):
-        from sparcom.run_folder import Interrupted
+        from sparcom.train.run_folder import Interrupted
 
         try:
             with reported():

@@ -6,8 +6,8 @@ import sys
 import torch.distributed as dist
 
 import sparcom
-from sparcom.models import load_model
-from sparcom.probe import Recording
+from sparcom.models.loading import load_model
+from sparcom.recording.probe import Recording
 
 from helpers.models import per_category
 

@@ -9,9 +9,9 @@ import torch
 from trl import SFTConfig, SFTTrainer
 
 from callbacks import SparcomCallback
-from sparcom.isn_training import isn_only
-from sparcom.models import load_model
-from sparcom.training import sft_dataset
+from sparcom.models.loading import load_model
+from sparcom.train.isn_training import isn_only
+from sparcom.train.sft import sft_dataset
 
 from helpers.models import per_category
 

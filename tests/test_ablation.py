@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparcom.edit_effects import dominance, dominant_rows, null_bound, z_scores
+from sparcom.edit.effects import dominance, dominant_rows, null_bound, z_scores
 
 SIZE = 6
 

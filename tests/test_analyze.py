@@ -21,13 +21,13 @@ import torch
 import sparcom
 from analyze import analyze
 from sparcom.cli import compose
-from sparcom.intervention import intervene
-from sparcom.metrics import jaccard
-from sparcom.models import load_model
-from sparcom.probe import Recording
-from sparcom.select import category_isn
+from sparcom.edit.intervention import intervene
+from sparcom.models.loading import load_model
+from sparcom.recording.probe import Recording
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, snapshot_series
-from sparcom.stats import expected_jaccard
+from sparcom.stats.estimates import expected_jaccard
+from sparcom.stats.metrics import jaccard
+from sparcom.stats.select import category_isn
 from train import train
 
 from helpers.models import per_category
@@ -133,7 +133,7 @@ def test_drift_figures_are_page_wide_and_read_against_chance_stability_and_held_
 
 
 def test_drift_plot_draws_chance_stability_and_the_held_out_loss():
-    from sparcom.figures import drift_plot
+    from sparcom.report.figures import drift_plot
 
     steps = [0, 5, 10]
     jaccard = {0.5: {"math": [1.0, 0.8, 0.7], "code": [1.0, 0.9, 0.85]}}
@@ -156,8 +156,8 @@ def test_an_epsilon_where_both_sets_are_empty_has_no_jaccard(tmp_path):
     gap there (nan, null in summary.json) and says why, rather than plotting 1.0."""
     import numpy as np
 
-    from sparcom.comparison import Selection, compare
-    from sparcom.report import write_comparison
+    from sparcom.report.pages import write_comparison
+    from sparcom.stats.comparison import Selection, compare
 
     from helpers.synthetic import draw, moe_sites, random_population
 
@@ -251,7 +251,10 @@ def test_html_report_renders_with_visible_figures(run, tmp_path):
 def test_base_and_tuned_models_are_recorded_and_compared(run, tmp_path):
     out = tmp_path / "out"
     analyzed(
-        "base=tiny-qwen2-moe", f"tuned={run / 'checkpoint-6'}", "sparcom.probe.per_category=4", f"out={out}"
+        "base=tiny-qwen2-moe",
+        f"tuned={run / 'checkpoint-6'}",
+        "sparcom.probe.per_category=4",
+        f"out={out}",
     )
     # Same weights, same probe as the run's own snapshots: the same table.
     files = [
@@ -333,7 +336,7 @@ def test_zeroing_neurons_equals_silencing_their_activations(small_records):
     snapshot = sparcom.record(model, tokenizer, small_records, progress=False)
     neurons = category_isn(snapshot, "code", 0.3)
     ffn = {s: n for s, n in neurons.items() if snapshot.site_kinds[s] == "ffn"}
-    ids = sparcom.conversation.encode(small_records[0], tokenizer).input_ids[None]
+    ids = sparcom.recording.conversation.encode(small_records[0], tokenizer).input_ids[None]
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad(), intervene(model, ffn, 0.0):
         edited = model(ids).logits

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import sparcom
-from sparcom.models import load_model
-from sparcom.probe import Recording
-from sparcom.recorder import Recorder
-from sparcom.sites import gate_weight
+from sparcom.models.loading import load_model
+from sparcom.models.sites import gate_weight
+from sparcom.recording.probe import Recording
+from sparcom.recording.recorder import Recorder
 
 sys.path.insert(0, str(Path(__file__).parent / "bench"))
 import scale  # noqa: E402
@@ -27,7 +27,9 @@ import recording  # noqa: E402  (the bench is a folder of scripts, not a package
 def test_identical_models_flip_nothing_and_a_negated_gate_flips_every_token(small_records):
     model, tokenizer = load_model("tiny-llama")
     same = decision_flips(model, copy.deepcopy(model), tokenizer, small_records)
-    tokens = sum(int(sparcom.conversation.encode(r, tokenizer).prompt_mask.sum()) for r in small_records)
+    tokens = sum(
+        int(sparcom.recording.conversation.encode(r, tokenizer).prompt_mask.sum()) for r in small_records
+    )
     layers, width = model.config.num_hidden_layers, model.config.intermediate_size
     assert same == {"ffn": {"differing": 0, "total": tokens * layers * width, "fraction": 0.0}}
 

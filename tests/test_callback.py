@@ -6,7 +6,7 @@ import pytest
 
 from callbacks import SparcomCallback
 from sparcom.config import TrainSparcomConfig
-from sparcom.models import load_model
+from sparcom.models.loading import load_model
 from sparcom.snapshot import snapshot_series
 
 from helpers.models import per_category, plain_trainer

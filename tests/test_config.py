@@ -21,11 +21,11 @@ from sparcom.config import (
     TokenScope,
     TrainConfig,
 )
-from sparcom.config_check import check_data, check_probe_fits
+from sparcom.config.checks import check_data, check_probe_fits
+from sparcom.config.sft_fields import REGENERATE, describe_sft_config, load_sft_fields
 from sparcom.data import load_records
 from sparcom.errors import ConfigError
-from sparcom.run_folder import check_run_dir
-from sparcom.sft_fields import REGENERATE, describe_sft_config, load_sft_fields
+from sparcom.train.run_folder import check_run_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -260,15 +260,15 @@ def test_trainer_args_hold_every_field_of_the_installed_sft_config(tmp_path):
 
 
 def test_choices_named_without_torch_match_the_library():
-    from sparcom.conversation import TOKEN_SCOPES
-    from sparcom.models import TINY_PRESETS
-    from sparcom.select import SELECTION_MODES
+    from sparcom.models.loading import TINY_PRESETS
+    from sparcom.recording.conversation import TOKEN_SCOPES
+    from sparcom.stats.select import SELECTION_MODES
 
     assert tuple(TokenScope) == TOKEN_SCOPES
     assert tuple(SelectionMode) == SELECTION_MODES
     assert set(TINY_PRESET_NAMES) == set(TINY_PRESETS)
     from sparcom.config import PACKAGED_PRESET_NAMES
-    from sparcom.packaged import PACKAGED
+    from sparcom.models.packaged import PACKAGED
 
     assert set(PACKAGED_PRESET_NAMES) == set(PACKAGED)
 
@@ -300,7 +300,8 @@ def test_a_folder_holding_a_run_is_reused_only_to_resume_it(tmp_path):
 
 def test_probe_larger_than_the_data_is_refused():
     with pytest.raises(
-        ConfigError, match="sparcom.probe.per_category: 201 is more than the 200 classification records"
+        ConfigError,
+        match="sparcom.probe.per_category: 201 is more than the 200 classification records",
     ):
         check_probe_fits(load_records(), 201)
 
@@ -336,7 +337,7 @@ def test_analysis_folder():
 def test_run_config_is_plain_yaml_and_json(tmp_path):
     """The typed config holds only plain values: the W&B config and config.yaml carry no objects."""
     cfg = compose("train", ["trainer=lora", "model=tiny-qwen2-moe"])
-    from sparcom.training import wandb_settings
+    from sparcom.train.sft import wandb_settings
 
     settings = wandb_settings(cfg, tmp_path / "run")
     assert json.loads(json.dumps(settings)) == settings

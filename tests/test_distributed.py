@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import sparcom
-from sparcom.models import load_model
-from sparcom.probe import Recording
+from sparcom.models.loading import load_model
+from sparcom.recording.probe import Recording
 from sparcom.snapshot import Snapshot
 
 from helpers.models import per_category, torchrun

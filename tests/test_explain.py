@@ -18,9 +18,7 @@ from transformers.activations import ACT2FN
 import sparcom
 from analyze import analyze
 from sparcom.cli import compose
-from sparcom.conversation import encode
-from sparcom.errors import ConfigError
-from sparcom.explain import (
+from sparcom.edit.explain import (
     MARK,
     Context,
     Neuron,
@@ -32,10 +30,12 @@ from sparcom.explain import (
     specificity,
     write_neurons,
 )
-from sparcom.models import load_model
-from sparcom.neuron_cards import card_html
-from sparcom.probe import Recording
-from sparcom.sites import ARCHITECTURES
+from sparcom.errors import ConfigError
+from sparcom.models.loading import load_model
+from sparcom.models.sites import ARCHITECTURES
+from sparcom.recording.conversation import encode
+from sparcom.recording.probe import Recording
+from sparcom.report.cards import card_html
 from sparcom.snapshot import Snapshot
 
 from helpers.models import exact_model, per_category

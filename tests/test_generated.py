@@ -15,15 +15,15 @@ import torch
 
 import sparcom
 from callbacks import SparcomCallback
-from sparcom.comparison import Selection
 from sparcom.config import ProbeConfig, TrainSparcomConfig
-from sparcom.conversation import encode
 from sparcom.data import load_records
-from sparcom.models import load_model
-from sparcom.probe import Recording
-from sparcom.sites import ARCHITECTURES
+from sparcom.models.loading import load_model
+from sparcom.models.sites import ARCHITECTURES
+from sparcom.recording.conversation import encode
+from sparcom.recording.probe import Recording
+from sparcom.report.workflows import write_comparison
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable, generated_path, snapshot_series
-from sparcom.workflows import write_comparison
+from sparcom.stats.comparison import Selection
 
 from helpers.models import exact_model, per_category, plain_trainer, torchrun
 from helpers.reference import Reference

@@ -15,7 +15,7 @@ import pytest
 from sparcom.cli import compose
 from sparcom.data import DataFileError, load_records
 from sparcom.snapshot import Snapshot, snapshot_series
-from sparcom.training import wandb_mode
+from sparcom.train.sft import wandb_mode
 from train import train
 
 from helpers.models import torchrun
@@ -180,9 +180,9 @@ def test_an_analysis_refused_inside_the_job_leaves_no_folder(tmp_path):
     the refusal removes it again."""
     import torch
 
-    from sparcom.models import load_model
-    from sparcom.probe import record
-    from sparcom.training import probe_set
+    from sparcom.models.loading import load_model
+    from sparcom.recording.probe import record
+    from sparcom.train.sft import probe_set
 
     model, tokenizer = load_model("tiny-llama")
     records = load_records()
@@ -335,7 +335,7 @@ def test_a_failing_rank_ends_every_rank(tmp_path):
 def test_resume_restores_a_drift_row_a_kill_cut_off(tmp_path):
     """The narrowest kill window: after a snapshot's rename, before (or halfway through) its
     drift.jsonl row. Resuming recomputes the row from the snapshots on disk."""
-    from sparcom.drift import drift_point, read_drift
+    from sparcom.train.drift import drift_point, read_drift
 
     run = tmp_path / "run"
     smoke = ["experiment=smoke", "logger=disabled"]

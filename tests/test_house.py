@@ -61,7 +61,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_circle_among_sparcoms_modules():
     graph = import_graph()
-    assert len(graph) > 30 and graph["sparcom.config_check"] >= {"sparcom.config", "sparcom.errors"}
+    assert len(graph) > 30 and graph["sparcom.config.checks"] >= {"sparcom.config", "sparcom.errors"}
     assert cycles(graph) == []
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [
         ["a", "b", "c"]
@@ -72,9 +72,9 @@ def test_the_config_schema_and_the_errors_import_no_checks():
     graph = import_graph()
     assert graph["sparcom.errors"] == set()
     assert not graph["sparcom.config"] & {
-        "sparcom.config_check",
-        "sparcom.config_errors",
-        "sparcom.run_folder",
+        "sparcom.config.checks",
+        "sparcom.config.messages",
+        "sparcom.train.run_folder",
     }
 
 

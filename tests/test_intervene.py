@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import sparcom
-from sparcom.conversation import encode
-from sparcom.intervention import intervene, neuron_sites, random_like, random_sets
-from sparcom.models import load_model
-from sparcom.sites import architecture_of
+from sparcom.edit.intervention import intervene, neuron_sites, random_like, random_sets
+from sparcom.models.loading import load_model
+from sparcom.models.sites import architecture_of
+from sparcom.recording.conversation import encode
 
 from helpers.models import exact_model, per_category
 

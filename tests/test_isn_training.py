@@ -15,8 +15,10 @@ from trl import SFTConfig, SFTTrainer
 import sparcom
 from callbacks import ResilientWandbCallback, SparcomCallback
 from sparcom.config import IsnTrainingConfig, TrainSparcomConfig
-from sparcom.intervention import intervene, neuron_sites
-from sparcom.isn_training import (
+from sparcom.edit.intervention import intervene, neuron_sites
+from sparcom.models.loading import load_model
+from sparcom.snapshot import Snapshot, snapshot_series
+from sparcom.train.isn_training import (
     MASK_FILE,
     check_isn_settings,
     isn_only,
@@ -26,9 +28,7 @@ from sparcom.isn_training import (
     save_mask,
     select_isns,
 )
-from sparcom.models import load_model
-from sparcom.snapshot import Snapshot, snapshot_series
-from sparcom.training import finish_wandb, sft_dataset
+from sparcom.train.sft import finish_wandb, sft_dataset
 
 from helpers.isn_masks import assert_only_isns_moved, byte_equal, random_mask, weights
 from helpers.models import per_category, torchrun

@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from sparcom.analysis import overlap_matrix
-from sparcom.metrics import (
+from sparcom.snapshot import Snapshot
+from sparcom.stats.analysis import overlap_matrix
+from sparcom.stats.metrics import (
     general_and_unique,
     jaccard,
     layer_profile,
@@ -16,8 +17,7 @@ from sparcom.metrics import (
     pearson,
     shared_counts,
 )
-from sparcom.select import GlobalTopFraction, ise, isn, select_rows, threshold_count
-from sparcom.snapshot import Snapshot
+from sparcom.stats.select import GlobalTopFraction, ise, isn, select_rows, threshold_count
 
 T, F = True, False
 
@@ -145,7 +145,7 @@ def test_unique_isns_are_each_categorys_own_share_of_the_frequent_ones(mode):
     frequent sets: each a subset, pairwise disjoint, and together every neuron in exactly one set."""
     import numpy as np
 
-    from sparcom.select import category_isns
+    from sparcom.stats.select import category_isns
 
     from helpers.synthetic import draw, moe_sites, random_population
 

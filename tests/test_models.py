@@ -9,11 +9,11 @@ import torch
 import yaml
 
 import sparcom
-from sparcom.conversation import encode, messages
-from sparcom.models import TINY_PRESETS, load_model
-from sparcom.packaged import PACKAGED
-from sparcom.probe import Recording
-from sparcom.sites import ARCHITECTURES
+from sparcom.models.loading import TINY_PRESETS, load_model
+from sparcom.models.packaged import PACKAGED
+from sparcom.models.sites import ARCHITECTURES
+from sparcom.recording.conversation import encode, messages
+from sparcom.recording.probe import Recording
 
 from helpers.models import exact_model
 
@@ -147,9 +147,9 @@ def test_interventions_refuse_offloaded_weights(saved_exact_moe, small_records, 
     """Silencing neurons edits weights in place; on an offloaded module the edit would silently not
     apply (accelerate reloads the weights from its store), so it is refused, naming the site, and
     the ablation refuses before its long intact pass."""
-    from sparcom.ablation import ablation_matrices
-    from sparcom.edit_effects import Edits
-    from sparcom.intervention import intervene
+    from sparcom.edit.ablation import ablation_matrices
+    from sparcom.edit.effects import Edits
+    from sparcom.edit.intervention import intervene
 
     model, tokenizer = load_model(
         str(saved_exact_moe), dtype="float64", device_map={"": "disk"}, offload_folder=tmp_path / "offload"
@@ -179,7 +179,7 @@ def test_analyze_dispatches_a_model_over_cpu_and_disk_and_counts_the_same(
     from analyze import loading
     from sparcom.cli import compose
     from sparcom.config import ProbeConfig
-    from sparcom.workflows import Loading, load_for_analysis, record_model
+    from sparcom.report.workflows import Loading, load_for_analysis, record_model
 
     budget = int(0.8 * _weight_bytes(load_model(str(saved_exact_moe), dtype="float64")[0]))
     cfg = compose(

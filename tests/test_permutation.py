@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy.stats import binom
 
-from sparcom.analysis import instruction_similarity
-from sparcom.metrics import category_block_means, pairwise_jaccard
-from sparcom.permutation import diagonal_dominance, holm, permutation_p_value, token_control
+from sparcom.stats.analysis import instruction_similarity
+from sparcom.stats.metrics import category_block_means, pairwise_jaccard
+from sparcom.stats.permutation import diagonal_dominance, holm, permutation_p_value, token_control
 
 from helpers.synthetic import draw, random_population, vocabulary_snapshot
 

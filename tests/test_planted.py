@@ -7,9 +7,9 @@ import torch
 
 import sparcom
 from sparcom.data import CATEGORIES
-from sparcom.models import load_model
-from sparcom.probe import Recording
-from sparcom.select import category_isn
+from sparcom.models.loading import load_model
+from sparcom.recording.probe import Recording
+from sparcom.stats.select import category_isn
 
 CANDIDATE_WORDS = [
     "zebra",

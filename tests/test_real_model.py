@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import sparcom
-from sparcom.conversation import encode, injected_context
 from sparcom.data import load_records
 from sparcom.errors import ConfigError
-from sparcom.models import load_model
-from sparcom.packaged import PACKAGED, Packaged, cache_root, check_installed, recorded_sha256
-from sparcom.probe import Recording
-from sparcom.training import probe_set, sft_dataset
+from sparcom.models.loading import load_model
+from sparcom.models.packaged import PACKAGED, Packaged, cache_root, check_installed, recorded_sha256
+from sparcom.recording.conversation import encode, injected_context
+from sparcom.recording.probe import Recording
+from sparcom.train.sft import probe_set, sft_dataset
 
 PRESET = "smollm2-135m-instruct"
 

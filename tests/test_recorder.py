@@ -9,11 +9,11 @@ import pytest
 import torch
 
 import sparcom
-from sparcom.host_rows import count_dtype
-from sparcom.models import TINY_PRESETS, load_model
-from sparcom.probe import Recording
-from sparcom.recorder import Recorder, count_memory, exact_float
-from sparcom.sites import ARCHITECTURES, UnsupportedModelError, find_sites
+from sparcom.models.loading import TINY_PRESETS, load_model
+from sparcom.models.sites import ARCHITECTURES, UnsupportedModelError, find_sites
+from sparcom.recording.host_rows import count_dtype
+from sparcom.recording.probe import Recording
+from sparcom.recording.recorder import Recorder, count_memory, exact_float
 
 import helpers.models as conftest
 from bench.held import count_bytes_at_fullest
@@ -70,7 +70,7 @@ def test_router_totals_and_expert_bounds(preset, small_records):
 def test_every_experts_implementation_counts_right(implementation, small_records):
     """float32, as users run it: the reference recounts in float64 from the same captured inputs;
     only gates within 1e-4 of zero may legitimately round to the other side."""
-    model, tokenizer = sparcom.models.load_model("tiny-qwen2-moe")
+    model, tokenizer = sparcom.models.loading.load_model("tiny-qwen2-moe")
     model.set_experts_implementation(implementation)
     reference = _reference(model, tokenizer, small_records, "all")
     snapshot = sparcom.record(
@@ -93,7 +93,9 @@ def test_padding_never_counts(small_records):
     )
     expected = {c: 0 for c in snapshot.categories}
     for r in small_records:
-        expected[r["category"]] += int(sparcom.conversation.encode(r, tokenizer).response_mask.sum())
+        expected[r["category"]] += int(
+            sparcom.recording.conversation.encode(r, tokenizer).response_mask.sum()
+        )
     assert snapshot.tokens == expected
     for site in snapshot.sites("ffn"):
         assert (snapshot.category_counts[site] <= snapshot.category_tokens[:, None]).all()
@@ -112,7 +114,7 @@ def test_scopes_partition_the_tokens(small_records):
 
 
 def test_hooks_are_removed_and_mode_restored(small_records):
-    model, tokenizer = sparcom.models.load_model("tiny-qwen2-moe")
+    model, tokenizer = sparcom.models.loading.load_model("tiny-qwen2-moe")
     model.train()
     sparcom.record(model, tokenizer, small_records[:2], progress=False)
     assert model.training
@@ -128,7 +130,7 @@ def test_unsupported_architecture_lists_supported():
 
 
 def test_bad_arguments_fail_early(small_records):
-    model, tokenizer = sparcom.models.load_model("tiny-llama")
+    model, tokenizer = sparcom.models.loading.load_model("tiny-llama")
     with pytest.raises(ValueError, match="token_scope 'instructions'.*prompt"):
         sparcom.record(model, tokenizer, small_records, Recording(token_scope="instructions"))
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
@@ -136,7 +138,7 @@ def test_bad_arguments_fail_early(small_records):
 
 
 def test_non_finite_activations_warn_with_the_site(small_records):
-    model, tokenizer = sparcom.models.load_model("tiny-llama")
+    model, tokenizer = sparcom.models.loading.load_model("tiny-llama")
     with torch.no_grad():
         model.model.layers[2].mlp.gate_proj.weight[0, 0] = float("nan")
     with pytest.warns(UserWarning, match=r"non-finite .* at model\.layers\.2\.mlp"):
@@ -169,8 +171,8 @@ def test_recording_runs_the_models_own_computation(preset, small_records):
     (counting from the projection it computes anyway): the model's outputs are bitwise those of
     its grouped_mm implementation, and within rounding of eager's. The forward is restored after."""
     model, tokenizer = load_model(preset)
-    encoded = [sparcom.conversation.encode(r, tokenizer) for r in small_records[:6]]
-    input_ids, attention, scope = sparcom.probe.pad_batch(encoded, "all", tokenizer.pad_token_id)
+    encoded = [sparcom.recording.conversation.encode(r, tokenizer) for r in small_records[:6]]
+    input_ids, attention, scope = sparcom.recording.probe.pad_batch(encoded, "all", tokenizer.pad_token_id)
     outputs = {}
     with torch.no_grad():
         for implementation in ("grouped_mm", "eager"):

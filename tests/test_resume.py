@@ -14,9 +14,9 @@ from transformers import TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 from sparcom.cli import compose
-from sparcom.isn_training import isn_only
-from sparcom.models import load_model
-from sparcom.training import load_checkpoint_weights, resumable, sft_dataset
+from sparcom.models.loading import load_model
+from sparcom.train.isn_training import isn_only
+from sparcom.train.sft import load_checkpoint_weights, resumable, sft_dataset
 from train import train
 
 from helpers.isn_masks import random_mask

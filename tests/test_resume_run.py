@@ -18,8 +18,8 @@ from omegaconf import OmegaConf
 from sparcom.cli import checked_launch, compose
 from sparcom.config import as_plain
 from sparcom.errors import ConfigError
-from sparcom.run_folder import flat, launch_overrides, record_resume, resume_changes, run_config
 from sparcom.snapshot import snapshot_series
+from sparcom.train.run_folder import flat, launch_overrides, record_resume, resume_changes, run_config
 
 from helpers import wandb_log
 
@@ -57,7 +57,10 @@ def test_a_resume_may_only_extend_the_run(tmp_path):
             r"^trainer\.args\.learning_rate: 0\.001 differs from the run's 0\.0001",
         ),
         ("model=tiny-olmoe", r"^model\.name_or_path: 'tiny-olmoe' differs from the run's 'tiny-qwen2-moe'"),
-        ("sparcom.probe.per_category=20", r"^sparcom\.probe\.per_category: 20 differs from the run's 4"),
+        (
+            "sparcom.probe.per_category=20",
+            r"^sparcom\.probe\.per_category: 20 differs from the run's 4",
+        ),
         ("trainer.args.max_steps=40", r"^trainer\.args\.max_steps: 40 differs .*expected a larger value"),
     ]:
         with pytest.raises(ConfigError, match=message):

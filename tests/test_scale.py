@@ -17,7 +17,7 @@ HERE = Path(__file__).parent
 # comparison (statistics at their defaults) adds, from a high-water mark reset just before it.
 COMPARE = """
 import sys
-from sparcom.comparison import Selection, compare
+from sparcom.stats.comparison import Selection, compare
 from sparcom.snapshot import Snapshot
 
 def status(key):

@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from sparcom.analysis import ise_alteration, isn_alteration
-from sparcom.metrics import jaccard
-from sparcom.resampling import (
+from sparcom.snapshot import Snapshot, SnapshotError
+from sparcom.stats.analysis import ise_alteration, isn_alteration
+from sparcom.stats.estimates import expected_jaccard, pearson_from_moments, phase_margin, three_segments
+from sparcom.stats.metrics import jaccard
+from sparcom.stats.resampling import (
     MissingInstructionCounts,
     half_sample_alteration,
     layer_phase_tests,
@@ -22,7 +24,7 @@ from sparcom.resampling import (
     resample_pass,
     sampling_stability,
 )
-from sparcom.select import (
+from sparcom.stats.select import (
     NEURON_KINDS,
     GlobalTopFraction,
     category_isn,
@@ -30,8 +32,6 @@ from sparcom.select import (
     isn,
     top_fraction_rows,
 )
-from sparcom.snapshot import Snapshot, SnapshotError
-from sparcom.stats import expected_jaccard, pearson_from_moments, phase_margin, three_segments
 
 from helpers.synthetic import Population, draw, moe_sites, random_population
 

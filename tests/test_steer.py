@@ -10,15 +10,15 @@ import pytest
 import torch
 
 import sparcom
-from sparcom.ablation import ablation_matrices
-from sparcom.conversation import encode
 from sparcom.data import CATEGORIES
-from sparcom.edit_effects import Edits
-from sparcom.intervention import random_sets
-from sparcom.models import load_model
-from sparcom.response_loss import ResponseLoss
-from sparcom.select import category_isn
-from sparcom.steer import COLUMNS, dose_response, held_out, write_dose_response
+from sparcom.edit.ablation import ablation_matrices
+from sparcom.edit.effects import Edits
+from sparcom.edit.intervention import random_sets
+from sparcom.edit.steer import COLUMNS, dose_response, held_out, write_dose_response
+from sparcom.models.loading import load_model
+from sparcom.recording.conversation import encode
+from sparcom.recording.response_loss import ResponseLoss
+from sparcom.stats.select import category_isn
 
 from helpers.models import per_category
 
@@ -149,7 +149,7 @@ def test_held_out_prefers_unseen_records(tiny):
 
 
 def test_the_dose_response_figure_names_its_controls_and_rows_carry_z_scores():
-    from sparcom.steer import dose_response_plot, steering_dominance
+    from sparcom.edit.steer import dose_response_plot, steering_dominance
 
     rows = [
         {
@@ -175,6 +175,6 @@ def test_the_dose_response_figure_names_its_controls_and_rows_carry_z_scores():
 
 
 def test_a_heatmap_cell_that_rounds_to_zero_prints_zero():
-    from sparcom.figures import cell_text
+    from sparcom.report.figures import cell_text
 
     assert cell_text(-0.000001, 5) == "0" and cell_text(0.0, 3) == "0" and cell_text(-0.0012, 4) == "-0.0012"

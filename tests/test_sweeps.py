@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from sparcom.cli import compose
-from sparcom.drift import read_drift, run_result
+from sparcom.train.drift import read_drift, run_result
 
 from helpers import wandb_log
 

@@ -21,10 +21,10 @@ import yaml
 import sparcom
 from sparcom.cli import compose
 from sparcom.data import CATEGORIES, load_records
-from sparcom.drift import DriftPoint, drift_point, read_drift
-from sparcom.models import load_model
+from sparcom.models.loading import load_model
 from sparcom.snapshot import Snapshot, snapshot_series
-from sparcom.training import Launch
+from sparcom.train.drift import DriftPoint, drift_point, read_drift
+from sparcom.train.sft import Launch
 from train import train
 
 from helpers.models import torchrun
@@ -260,7 +260,7 @@ def test_isn_only_run_trains_the_base_models_isns_and_nothing_else(tmp_path):
     ).run_dir
     mask = load_file(run_dir / "isn_mask.safetensors")
     base_snapshot = Snapshot.load(snapshot_series(run_dir / "snapshots")[0])
-    expected = sparcom.isn_training.select_isns(base_snapshot, 0.7)  # the step-0 recording's ISNs
+    expected = sparcom.train.isn_training.select_isns(base_snapshot, 0.7)  # the step-0 recording's ISNs
     assert set(mask) == set(expected) and all(torch.equal(mask[s], expected[s]) for s in mask)
     base, _ = load_model("tiny-qwen2-moe")
     tuned, _ = load_model(str(run_dir / "checkpoint-6"))
@@ -287,7 +287,9 @@ def test_isn_training_against_its_matched_random_control(tmp_path):
         tmp_path / "control",
     ).run_dir
     mask = load_file(run_dir / "isn_mask.safetensors")
-    isns = sparcom.isn_training.select_isns(Snapshot.load(snapshot_series(run_dir / "snapshots")[0]), 0.5)
+    isns = sparcom.train.isn_training.select_isns(
+        Snapshot.load(snapshot_series(run_dir / "snapshots")[0]), 0.5
+    )
     assert set(mask) == set(isns)
     for site, chosen in mask.items():
         per_unit = (lambda m: m.sum(-1)) if chosen.dim() > 1 else (lambda m: m.sum())
@@ -300,6 +302,6 @@ def test_isn_training_against_its_matched_random_control(tmp_path):
         settings = json.loads(handle.metadata()["settings"])
     assert settings["control"] == "random" and settings["control_seed"] == 3
     assert config(run_file(run_dir / "wandb"))["isn"]["trains"] == "random neurons matched to the ISNs"
-    from sparcom.workflows import read_run
+    from sparcom.report.workflows import read_run
 
     assert "control: random neurons matched to the ISNs, seed 3" in read_run(run_dir).settings["trainer"]

@@ -23,12 +23,12 @@ import torch
 from scipy.stats import norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sparcom.metrics import (
+from sparcom.stats.metrics import (
     jaccard,  # noqa: E402
     jaccard_ratio,  # noqa: E402
 )
-from sparcom.resampling import paired_bootstrap, resample_pass  # noqa: E402
-from sparcom.select import isn  # noqa: E402
+from sparcom.stats.resampling import paired_bootstrap, resample_pass  # noqa: E402
+from sparcom.stats.select import isn  # noqa: E402
 
 from helpers.synthetic import Population, draw  # noqa: E402 (path set above)
 

@@ -9,13 +9,13 @@ import time
 
 import torch
 
-from sparcom.ablation import ablation_matrices
 from sparcom.data import load_records
-from sparcom.edit_effects import Edits
-from sparcom.models import load_model
-from sparcom.probe import Recording, record
-from sparcom.steer import dose_response, held_out
-from sparcom.training import probe_set
+from sparcom.edit.ablation import ablation_matrices
+from sparcom.edit.effects import Edits
+from sparcom.edit.steer import dose_response, held_out
+from sparcom.models.loading import load_model
+from sparcom.recording.probe import Recording, record
+from sparcom.train.sft import probe_set
 
 from recording import side_by_side
 
@@ -25,7 +25,7 @@ MODELS = ("tiny-qwen2-moe", "smollm2-135m-instruct")
 def bare_passes(model, tokenizer, records, passes: int, batch_size: int) -> None:
     """``passes`` plain forwards (logits and all) over the records' conversations, in the batches
     the response loss uses: what any measurement of a loss must run at the least."""
-    from sparcom.response_loss import ResponseLoss
+    from sparcom.recording.response_loss import ResponseLoss
 
     batches = ResponseLoss(tokenizer, records, sorted({r["category"] for r in records}), batch_size).batches
     with torch.no_grad():

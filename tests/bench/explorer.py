@@ -16,12 +16,12 @@ from functools import partial
 import torch
 
 import sparcom
-from sparcom.conversation import encode
-from sparcom.explain import most_specific, top_activations
-from sparcom.generation import greedy_continuations
-from sparcom.models import build_tiny
-from sparcom.probe import Recording
-from sparcom.recorder import inference_mode
+from sparcom.edit.explain import most_specific, top_activations
+from sparcom.models.loading import build_tiny
+from sparcom.recording.conversation import encode
+from sparcom.recording.generation import greedy_continuations
+from sparcom.recording.probe import Recording
+from sparcom.recording.recorder import inference_mode
 
 from recording import BATCH, MODELS, bare_forward, probe_records, ratio, side_by_side
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from sparcom.recorder import Recorder
+from sparcom.recording.recorder import Recorder
 
 
 def held_bytes(root, skip: object = ()) -> dict[int, int]:

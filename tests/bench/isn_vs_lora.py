@@ -67,13 +67,13 @@ def run_one(arm: str, seed: int, steps: int) -> dict:
 
     import train as entry
     from sparcom.cli import compose
-    from sparcom.config_check import check_data
-    from sparcom.drift import run_result
-    from sparcom.isn_training import isn_only, lora_rank_matching, select_isns
-    from sparcom.models import load_model
-    from sparcom.probe import record
-    from sparcom.stats import expected_jaccard
-    from sparcom.training import run_records
+    from sparcom.config.checks import check_data
+    from sparcom.models.loading import load_model
+    from sparcom.recording.probe import record
+    from sparcom.stats.estimates import expected_jaccard
+    from sparcom.train.drift import run_result
+    from sparcom.train.isn_training import isn_only, lora_rank_matching, select_isns
+    from sparcom.train.sft import run_records
 
     from training import StepTimer
 
@@ -100,7 +100,7 @@ def run_one(arm: str, seed: int, steps: int) -> dict:
 
         series = snapshot_series(run_dir / "snapshots")
         base, tuned = Snapshot.load(series[min(series)]), Snapshot.load(series[max(series)])
-        from sparcom.analysis import category_tallies
+        from sparcom.stats.analysis import category_tallies
 
         tallies = category_tallies([base, tuned], [0.01], "percentile_layer")[0.01]
         jaccard = [tallies.jaccard(c) for c in base.categories]

@@ -15,10 +15,10 @@ from collections import Counter
 import torch
 from torch import nn
 
-from sparcom.conversation import encode
-from sparcom.probe import length_bucketed, pad_batch
-from sparcom.recorder import grouped_mm
-from sparcom.sites import find_sites, gate_weight
+from sparcom.models.sites import find_sites, gate_weight
+from sparcom.recording.conversation import encode
+from sparcom.recording.probe import length_bucketed, pad_batch
+from sparcom.recording.recorder import grouped_mm
 
 KINDS = ("ffn", "router", "experts")
 

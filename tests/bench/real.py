@@ -19,11 +19,11 @@ import torch
 import sparcom
 from callbacks import SparcomCallback
 from sparcom.config import RecordConfig, TrainSparcomConfig
-from sparcom.conversation import encode
 from sparcom.data import load_records
-from sparcom.models import load_model
-from sparcom.probe import Recording, length_bucketed, pad_batch
-from sparcom.training import probe_set, run_records, sft_dataset
+from sparcom.models.loading import load_model
+from sparcom.recording.conversation import encode
+from sparcom.recording.probe import Recording, length_bucketed, pad_batch
+from sparcom.train.sft import probe_set, run_records, sft_dataset
 
 from recording import ratio, side_by_side
 from training import StepTimer
@@ -79,7 +79,7 @@ def step_seconds(with_callback: bool, steps: int) -> list[float]:
     at step 0 only, so the steps measure what it costs while no snapshot is taken."""
     from transformers import Trainer, TrainingArguments
 
-    from sparcom.training import collate_sft
+    from sparcom.train.sft import collate_sft
 
     model, tokenizer = load_model(PRESET)
     records = load_records()

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 import sparcom
-from sparcom.conversation import encode
 from sparcom.data import CATEGORIES, load_records
-from sparcom.models import build_tiny
-from sparcom.probe import Recording, length_bucketed, pad_batch
+from sparcom.models.loading import build_tiny
+from sparcom.recording.conversation import encode
+from sparcom.recording.probe import Recording, length_bucketed, pad_batch
 
 LLAMA = dict(
     num_hidden_layers=8, hidden_size=256, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4
@@ -167,12 +167,12 @@ SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__",
 
 def host_syncs(model, tokenizer, records) -> dict[str, int]:
     """Calls that force a host synchronisation (``SYNCING``) made during the recording loop
-    (``sparcom.probe._run_batches``, every batch from input transfer to the copy of its rows), split
+    (``sparcom.recording.probe._run_batches``, every batch from input transfer to the copy of its rows), split
     by who made them: the model's forward (code of transformers or torch, which a bare forward runs
     too), or the recording itself (everything else: sparcom's loop and hooks)."""
     import transformers
 
-    loop = sparcom.probe._run_batches
+    loop = sparcom.recording.probe._run_batches
     libraries = tuple(str(Path(package.__file__).parent) for package in (transformers, torch))
     calls = {"sparcom": 0, "model": 0, "batches": 0}
     inside = [False]
@@ -196,12 +196,12 @@ def host_syncs(model, tokenizer, records) -> dict[str, int]:
         return wrapper
 
     try:
-        sparcom.probe._run_batches = counted_loop
+        sparcom.recording.probe._run_batches = counted_loop
         for name, original in originals.items():
             setattr(torch.Tensor, name, counting(original))
         sparcom_record(model, tokenizer, records)
     finally:
-        sparcom.probe._run_batches = loop
+        sparcom.recording.probe._run_batches = loop
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
     calls["batches"] = len(length_bucketed([0] * len(records), BATCH))

@@ -18,10 +18,10 @@ import torch
 from precision import decision_flips
 
 import sparcom
-from sparcom.conversation import encode
-from sparcom.models import tiny_tokenizer
-from sparcom.recorder import count_memory
-from sparcom.sites import find_sites
+from sparcom.models.loading import tiny_tokenizer
+from sparcom.models.sites import find_sites
+from sparcom.recording.conversation import encode
+from sparcom.recording.recorder import count_memory
 
 from held import count_bytes_at_fullest
 from recording import BATCH, bare_forward, probe_records, side_by_side, sparcom_record
@@ -248,9 +248,9 @@ def gpu_figures(model, tokenizer, records, dtype) -> dict:
 
 
 def cuda_syncs_in_loop(model, tokenizer, records) -> dict[str, int]:
-    """Synchronising CUDA calls during ``sparcom.probe._run_batches`` (CUDA's sync debug mode warns
+    """Synchronising CUDA calls during ``sparcom.recording.probe._run_batches`` (CUDA's sync debug mode warns
     on each, naming the Python line that made it), split into sparcom's and the model's."""
-    loop = sparcom.probe._run_batches
+    loop = sparcom.recording.probe._run_batches
     ours = str(Path(sparcom.__file__).parent)
 
     def debugged(*args, **kwargs):
@@ -262,11 +262,11 @@ def cuda_syncs_in_loop(model, tokenizer, records) -> dict[str, int]:
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        sparcom.probe._run_batches = debugged
+        sparcom.recording.probe._run_batches = debugged
         try:
             sparcom_record(model, tokenizer, records)
         finally:
-            sparcom.probe._run_batches = loop
+            sparcom.recording.probe._run_batches = loop
     syncs = [w for w in caught if "synchroniz" in str(w.message)]
     mine = sum(1 for w in syncs if w.filename.startswith(ours))
     return {"sparcom": mine, "model": len(syncs) - mine}

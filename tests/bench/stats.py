@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sparcom.analysis import category_tallies, instruction_similarity, isn_alteration  # noqa: E402
-from sparcom.metrics import pairwise_jaccard  # noqa: E402
-from sparcom.permutation import diagonal_dominance, token_control  # noqa: E402
-from sparcom.resampling import paired_bootstrap, sampling_stability  # noqa: E402
-from sparcom.stats import expected_jaccard  # noqa: E402
+from sparcom.stats.analysis import category_tallies, instruction_similarity, isn_alteration  # noqa: E402
+from sparcom.stats.estimates import expected_jaccard  # noqa: E402
+from sparcom.stats.metrics import pairwise_jaccard  # noqa: E402
+from sparcom.stats.permutation import diagonal_dominance, token_control  # noqa: E402
+from sparcom.stats.resampling import paired_bootstrap, sampling_stability  # noqa: E402
 
 from helpers.synthetic import Population, assemble, draw, moe_sites  # noqa: E402 (path set above)
 

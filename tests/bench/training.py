@@ -13,8 +13,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from callbacks import SparcomCallback
 from sparcom.data import load_records
-from sparcom.models import build_tiny
-from sparcom.training import collate_sft, probe_set, sft_dataset
+from sparcom.models.loading import build_tiny
+from sparcom.train.sft import collate_sft, probe_set, sft_dataset
 
 PROBE_PER_CATEGORY = 20
 

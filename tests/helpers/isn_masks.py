@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from sparcom.intervention import neuron_sites
+from sparcom.edit.intervention import neuron_sites
 
 
 def weights(model) -> dict[str, torch.Tensor]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from sparcom.data import CATEGORIES, load_records
-from sparcom.models import load_model
+from sparcom.models.loading import load_model
 
 
 def per_category(count: int) -> list[dict]:
@@ -38,7 +38,7 @@ def plain_trainer(model, tokenizer, folder: Path, max_steps: int, save_steps: in
     would write one around the callback."""
     from transformers import Trainer, TrainingArguments
 
-    from sparcom.training import collate_sft, sft_dataset
+    from sparcom.train.sft import collate_sft, sft_dataset
 
     args = TrainingArguments(
         output_dir=str(folder),

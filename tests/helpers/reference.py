@@ -2,14 +2,14 @@
 
 It captures the inputs of every dense MLP and MoE block during a model's own forward passes,
 identifies each row's instruction from its token ids, and recounts firing neuron by neuron
-from the module weights: no code is shared with sparcom.recorder.
+from the module weights: no code is shared with sparcom.recording.recorder.
 """
 
 from __future__ import annotations
 
 import torch
 
-from sparcom.conversation import encode
+from sparcom.recording.conversation import encode
 
 
 def _gate_rows(mlp) -> torch.Tensor:
