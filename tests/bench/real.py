@@ -23,10 +23,10 @@ from sparcom.data import load_records
 from sparcom.models.loading import load_model
 from sparcom.recording.conversation import encode
 from sparcom.recording.probe import Recording, length_bucketed, pad_batch
-from sparcom.train.sft import probe_set, run_records, sft_dataset
+from sparcom.train.sft import probe_set, run_records
 
 from recording import ratio, side_by_side
-from training import StepTimer
+from training import timed_steps
 
 PRESET = "smollm2-135m-instruct"
 BATCH = 16
@@ -77,44 +77,21 @@ def snapshot_seconds(model, tokenizer, rounds: int) -> float:
 def step_seconds(with_callback: bool, steps: int) -> list[float]:
     """Steps of a plain Trainer on SmolLM2 (batch 4, up to 256 tokens); with the callback recording
     at step 0 only, so the steps measure what it costs while no snapshot is taken."""
-    from transformers import Trainer, TrainingArguments
-
-    from sparcom.train.sft import collate_sft
-
     model, tokenizer = load_model(PRESET)
     records = load_records()
-    timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(
-            output_dir=out,
-            max_steps=steps,
-            per_device_train_batch_size=4,
-            report_to=[],
-            use_cpu=True,
-            save_strategy="no",
-            logging_steps=10**6,
-            disable_tqdm=True,
-            remove_unused_columns=False,
-            learning_rate=5e-5,
-        )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=sft_dataset(records, tokenizer, 256),
-            data_collator=partial(collate_sft, pad_id=tokenizer.pad_token_id),
-            callbacks=[timer],
-        )
-        if with_callback:
-            trainer.add_callback(
-                SparcomCallback(
-                    tokenizer,
-                    probe_set(records, 2),
-                    TrainSparcomConfig(record=RecordConfig(on_save=False)),
-                    snapshot_dir=out + "/snapshots",
-                )
+        callback = (
+            SparcomCallback(
+                tokenizer,
+                probe_set(records, 2),
+                TrainSparcomConfig(record=RecordConfig(on_save=False)),
+                snapshot_dir=out + "/snapshots",
             )
-        trainer.train()
-    return timer.seconds[1:]  # the first step warms up
+            if with_callback
+            else None
+        )
+        seconds = timed_steps(model, tokenizer, records, callback, steps=steps, batch=4)
+    return seconds[1:]  # the first step warms up
 
 
 def report(per_category: int, rounds: int) -> dict:

@@ -7,6 +7,7 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from types import SimpleNamespace
 
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -30,35 +31,47 @@ class StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def step_seconds(preset: str, overrides: dict, with_callback: bool, steps: int) -> list[float]:
-    model, tokenizer = build_tiny(preset, **overrides)
-    records = load_records()
+def timed_steps(
+    model, tokenizer, records, callback, *, steps: int, batch: int, learning_rate: float = 5e-5
+) -> list[float]:
+    """Seconds of each step of a plain Trainer over ``records`` (up to 256 tokens), with ``callback``
+    (a SparcomCallback, or None) attached; the first steps include the warm-up."""
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,
             max_steps=steps,
-            per_device_train_batch_size=8,
+            per_device_train_batch_size=batch,
             report_to=[],
             use_cpu=True,
             save_strategy="no",
             logging_steps=10**6,
             disable_tqdm=True,
             remove_unused_columns=False,
+            learning_rate=learning_rate,
         )
         trainer = Trainer(
             model=model,
             args=args,
             train_dataset=sft_dataset(records, tokenizer, 256),
-            data_collator=collate_sft,
-            callbacks=[timer],
+            data_collator=partial(collate_sft, pad_id=tokenizer.pad_token_id or 0),
+            callbacks=[timer] + ([callback] if callback is not None else []),
         )
-        if with_callback:
-            trainer.add_callback(
-                SparcomCallback(tokenizer, probe_set(records, 4), snapshot_dir=out + "/snapshots")
-            )
         trainer.train()
-    return timer.seconds[2:]  # the first steps warm up allocator and kernels
+    return timer.seconds
+
+
+def step_seconds(preset: str, overrides: dict, with_callback: bool, steps: int) -> list[float]:
+    model, tokenizer = build_tiny(preset, **overrides)
+    records = load_records()
+    with tempfile.TemporaryDirectory() as out:
+        callback = (
+            SparcomCallback(tokenizer, probe_set(records, 4), snapshot_dir=out + "/snapshots")
+            if with_callback
+            else None
+        )
+        seconds = timed_steps(model, tokenizer, records, callback, steps=steps, batch=8)
+    return seconds[2:]  # the first steps warm up allocator and kernels
 
 
 def snapshot_vs_forward(preset: str, overrides: dict, rounds: int, bare_forward) -> tuple[float, float]:
