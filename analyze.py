@@ -88,9 +88,9 @@ def sweep(cfg: AnalyzeConfig, out: Path) -> Path:
     from sparcom.report.sweep import sweep_folders, sweep_jobs, write_sweep
     from sparcom.stats.comparison import Statistics
 
-    st = cfg.stats
-    statistics = Statistics(st.resamples, st.permutations, st.splits, st.seed) if st.enabled else None
-    jobs = sweep_jobs(sweep_folders(cfg.sweep), cfg.sparcom.epsilons, cfg.sparcom.selection_mode, statistics)
+    jobs = sweep_jobs(
+        sweep_folders(cfg.sweep), cfg.sparcom.epsilons, cfg.sparcom.selection_mode, Statistics.of(cfg.stats)
+    )
     categories = [c for c in CATEGORIES if c in jobs[0].isn_jaccard[cfg.sparcom.epsilons[0]]]
     return write_sweep(out, jobs, categories)
 
@@ -119,7 +119,7 @@ def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
     from sparcom.stats.comparison import Selection, Statistics
 
     base, tuned = recorded(cfg, item.base, records), recorded(cfg, item.tuned, records)
-    s, st = cfg.sparcom, cfg.stats
+    s = cfg.sparcom
     return write_comparison(
         out,
         base,
@@ -128,7 +128,7 @@ def compare(cfg: AnalyzeConfig, out: Path, item: Inputs, records) -> Path:
         selection=Selection(
             tuple(s.epsilons), s.selection_mode, s.overlap_epsilon, tuple(cfg.sweep_epsilons)
         ),
-        statistics=Statistics(st.resamples, st.permutations, st.splits, st.seed) if st.enabled else None,
+        statistics=Statistics.of(cfg.stats),
         labels=item.labels,
         source=item.run or item.model or (item.base if isinstance(item.base, dict) else None),
     )
@@ -146,6 +146,7 @@ def edits(cfg: AnalyzeConfig, settings):
         batch_size=settings.batch_size,
         control_draws=cfg.stats.control_draws,
         isn_set=cfg.sparcom.isn_set,
+        alpha=cfg.stats.alpha,
     )
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sparcom.edit.effects import dominance, dominant_rows, null_bound, z_scores
+from sparcom.report.findings import dominance_sentence
 
 SIZE = 6
 
@@ -43,7 +44,7 @@ def test_pure_noise_is_not_called_dominant_beyond_the_stated_rate():
     rows = dominant_rows(z_scores(delta, control), null_bound(draws))
     row_rate = float(rows.double().mean())
     assert row_rate <= 0.05 + 3 * (0.05 * 0.95 / rows.numel()) ** 0.5, row_rate  # each row: at most alpha
-    promised = dominance(torch.zeros(SIZE, SIZE), draws)["false_positive_rate"]
+    promised = dominance(torch.zeros(SIZE, SIZE), draws).false_positive_rate
     assert promised == pytest.approx(8.6e-5, rel=0.01)
     false_calls = int((rows.sum(-1) >= 4).sum())
     assert false_calls <= 6, false_calls  # P(Poisson(20000 * 8.6e-5 = 1.7) >= 7) = 0.0015
@@ -51,9 +52,9 @@ def test_pure_noise_is_not_called_dominant_beyond_the_stated_rate():
 
 def test_a_planted_diagonal_is_found():
     delta, control = synthetic(500, 10, seed=2, planted=6 * torch.eye(SIZE, dtype=torch.float64))
-    found = [dominance(z, 10)["dominant"] for z in z_scores(delta, control)]
+    found = [dominance(z, 10).dominant for z in z_scores(delta, control)]
     assert sum(found) >= 0.95 * len(found), sum(found)
-    verdict = dominance(z_scores(delta, control)[0], 10)["verdict"]
+    verdict = dominance_sentence(dominance(z_scores(delta, control)[0], 10))
     assert verdict.startswith("The diagonal dominates: in ") and "1.92 control SDs" in verdict
     assert verdict.count(".") == 3  # one sentence ("1.92", "0.05" and the full stop)
 
@@ -73,7 +74,7 @@ def test_effects_that_are_not_diagonal_are_not_called_dominant(where):
     else:
         planted[:] = 6
     delta, control = synthetic(500, 10, seed=3, planted=planted)
-    found = [dominance(z, 10)["dominant"] for z in z_scores(delta, control)]
+    found = [dominance(z, 10).dominant for z in z_scores(delta, control)]
     assert sum(found) <= 0.05 * len(found), sum(found)
 
 

@@ -84,11 +84,13 @@ def test_run_report_has_the_tables_figures_and_what_was_compared(run):
     assert set(summary["ise_pearson"]["code"]) == {"value", "ci95"}
     for side in ("base", "tuned"):
         overlap = summary["overlap"][side]
-        assert set(overlap["diagonal_dominance"]) == {"statistic", "p_value"}
+        assert set(overlap["diagonal_dominance"]) == {"statistic", "p_value", "significant"}
         assert (
             0 < overlap["per_category"]["math"]["p_value"] <= overlap["per_category"]["math"]["p_holm"] <= 1
         )
-        assert {"category_effect", "p_value", "correlation", "verdict"} <= set(summary["token_control"][side])
+        assert {"category_effect", "p_value", "correlation", "survives", "alpha"} <= set(
+            summary["token_control"][side]
+        )
         assert {"three_phase", "margin", "ci95", "counts"} <= set(summary["layer_profile"][side]["math"])
     assert len(summary["findings"]) >= 5 and summary["settings"]["statistics"]["resamples"] == 200
     page = (out / "report.html").read_text()

@@ -18,6 +18,7 @@ from sparcom.edit.steer import COLUMNS, dose_response, held_out, write_dose_resp
 from sparcom.models.loading import load_model
 from sparcom.recording.conversation import encode
 from sparcom.recording.response_loss import ResponseLoss
+from sparcom.report.findings import dominance_sentence
 from sparcom.stats.select import category_isn
 
 from helpers.models import per_category
@@ -75,27 +76,27 @@ def test_response_loss_equals_the_models_own_loss(tiny):
 def test_ablation_on_a_tiny_model_against_a_hand_computation(tiny):
     model, tokenizer, snapshot, unseen = tiny
     result = ablation_matrices(model, tokenizer, unseen, snapshot, Edits(EPSILON, seed=7, control_draws=10))
-    assert result["delta"].shape == result["z"].shape == result["control"].shape == (6, 6)
-    assert result["control_draws"].shape == (10, 6, 6)
+    assert result.delta.shape == result.z.shape == result.control.shape == (6, 6)
+    assert result.control_draws.shape == (10, 6, 6)
     intact = hf_response_loss(model, tokenizer, unseen)  # one record per category, in category order
-    assert torch.allclose(result["intact"], intact, atol=1e-5)
+    assert torch.allclose(result.intact, intact, atol=1e-5)
     sets = {c: category_isn(snapshot, c, EPSILON) for c in snapshot.categories}
     row = snapshot.categories.index("math")
     expected = hf_response_loss(scaled_by_hand(model, sets["math"], 0.0), tokenizer, unseen) - intact
-    assert torch.allclose(result["delta"][row], expected, atol=1e-5)
+    assert torch.allclose(result.delta[row], expected, atol=1e-5)
     generator = torch.Generator().manual_seed(7)  # the draws, reproduced: every row's in turn
     draws = [random_sets(sets[c], 10, generator) for c in snapshot.categories]
     assert all(int(draws[row][9][s].sum()) == int(sets["math"][s].sum()) for s in sets["math"])
     expected = hf_response_loss(scaled_by_hand(model, draws[row][9], 0.0), tokenizer, unseen) - intact
-    assert torch.allclose(result["control_draws"][9, row], expected, atol=1e-5)
-    assert result["control_draws"].std(0).min() > 0  # a distribution, not one draw repeated
-    z = (result["delta"] - result["control"]) / result["control_sd"]
-    assert torch.allclose(result["z"], z)
-    dominance = result["dominance"]
-    assert dominance["bound"] == pytest.approx(1.9226, abs=1e-4) and len(dominance["rows"]) == 6
-    assert dominance["dominant"] == (sum(dominance["rows"]) >= 4)
-    assert dominance["verdict"].startswith(
-        f"The diagonal {'dominates' if dominance['dominant'] else 'does not'}"
+    assert torch.allclose(result.control_draws[9, row], expected, atol=1e-5)
+    assert result.control_draws.std(0).min() > 0  # a distribution, not one draw repeated
+    z = (result.delta - result.control) / result.control_sd
+    assert torch.allclose(result.z, z)
+    dominance = result.dominance
+    assert dominance.bound == pytest.approx(1.9226, abs=1e-4) and len(dominance.rows) == 6
+    assert dominance.dominant == (sum(dominance.rows) >= 4)
+    assert dominance_sentence(dominance).startswith(
+        f"The diagonal {'dominates' if dominance.dominant else 'does not'}"
     )
 
 
@@ -170,8 +171,8 @@ def test_the_dose_response_figure_names_its_controls_and_rows_carry_z_scores():
     assert labels == ["math", "code", "random neurons, mean", "random neurons, 1 SD"]
     verdicts = steering_dominance(rows, draws=10)
     assert list(verdicts) == [0.0, 2.0]  # scale 1 changes nothing
-    assert all(v["dominant"] and v["rows"] == [True, True] for v in verdicts.values())
-    assert verdicts[2.0]["verdict"].startswith("The diagonal dominates: in 2 of 2 rows")
+    assert all(v.dominant and v.rows == [True, True] for v in verdicts.values())
+    assert dominance_sentence(verdicts[2.0]).startswith("The diagonal dominates: in 2 of 2 rows")
 
 
 def test_a_heatmap_cell_that_rounds_to_zero_prints_zero():

@@ -165,6 +165,7 @@ class StatsConfig:
         splits: random half-splits for instruction-sampling stability.
         control_draws: random-neuron control sets per comparison.
         seed: the seed of every random draw; the same seed gives the same numbers.
+        alpha: significance level of every test and verdict (Holm-adjusted across categories).
     """
 
     enabled: bool = True
@@ -173,6 +174,7 @@ class StatsConfig:
     splits: int = 20
     control_draws: int = 10
     seed: int = 0
+    alpha: float = 0.05
 
 
 @dataclass

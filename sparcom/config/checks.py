@@ -177,6 +177,10 @@ def check(cfg: TrainConfig | AnalyzeConfig) -> None:
     positive("stats.permutations", cfg.stats.permutations)
     positive("stats.splits", cfg.stats.splits)
     positive("stats.control_draws", cfg.stats.control_draws)
+    if not 0 < cfg.stats.alpha < 1:
+        raise ConfigError(
+            f"stats.alpha: {cfg.stats.alpha!r} is not a significance level; expected 0 < alpha < 1"
+        )
     existing_file("data.path", cfg.data.path, "a JSONL file of HexaInst-schema records, or null for HexaInst")
     if isinstance(cfg, AnalyzeConfig):
         check_analyze(cfg)

@@ -35,6 +35,7 @@ class Edits:
         seed: which held-out instructions, and the control's random neurons.
         batch_size: conversations per forward pass.
         control_draws: random-neuron sets with each edited set's counts per site and expert: the null.
+        alpha: the significance level of the verdict (``dominance``).
     """
 
     epsilon: float = 0.5
@@ -44,6 +45,31 @@ class Edits:
     seed: int = 0
     batch_size: int = 8
     control_draws: int = 10
+    alpha: float = 0.05
+
+
+@dataclass(frozen=True)
+class Dominance:
+    """Whether the diagonal of a ``[C, C]`` z-score matrix dominates (``dominance``).
+
+    Attributes:
+        rows: for each row, whether it passes: its diagonal z beyond ``bound`` and beyond every other z
+            of the row.
+        bound: the z a diagonal cell must exceed (``null_bound``; on ``|z|`` when ``two_sided``).
+        majority: how many rows must pass.
+        dominant: at least ``majority`` rows pass.
+        false_positive_rate: the most often ``dominant`` can be true under the null.
+        alpha, two_sided, draws: the rule's level, its sidedness and the control draws behind each z.
+    """
+
+    rows: list[bool]
+    bound: float
+    majority: int
+    dominant: bool
+    false_positive_rate: float
+    alpha: float
+    two_sided: bool
+    draws: int
 
 
 @dataclass(frozen=True)
@@ -157,7 +183,7 @@ def dominant_rows(z: torch.Tensor, bound: float) -> torch.Tensor:
     return (diagonal > bound) & (diagonal > others)
 
 
-def dominance(z: torch.Tensor, draws: int, alpha: float = 0.05, two_sided: bool = False) -> dict:
+def dominance(z: torch.Tensor, draws: int, alpha: float = 0.05, two_sided: bool = False) -> Dominance:
     """Does the diagonal dominate? Yes when a majority of rows (4 of 6) are dominant rows: the
     diagonal z above ``null_bound(draws, alpha)`` and above every off-diagonal z of the row
     (``two_sided``: the same on ``|z|`` at ``alpha / 2`` per side, for edits whose direction is not
@@ -166,31 +192,18 @@ def dominance(z: torch.Tensor, draws: int, alpha: float = 0.05, two_sided: bool 
     Under the null (ISN changes exchangeable with normal control draws) a row passes with
     probability at most ``alpha``; rows use separate neuron sets and draws, so a false "dominates"
     has probability at most ``P(Binomial(C, alpha) >= majority)``: 8.6e-5 for 6 rows at 0.05.
-    Returns the passing rows, the bound, that rate, ``dominant`` and a one-sentence ``verdict``.
     """
     size = z.shape[-1]
     bound = null_bound(draws, alpha / 2 if two_sided else alpha)
     passing = dominant_rows(z.abs() if two_sided else z, bound)
     majority = size // 2 + 1
-    count = int(passing.sum())
-    false_positive = float(stats.binom.sf(majority - 1, size, alpha))
-    dominant = count >= majority
-    where = "further than" if two_sided else "more than"
-    side = "from" if two_sided else "above"
-    rule = f"two-sided {alpha:g}" if two_sided else f"one-sided {alpha:g}"
-    verdict = (
-        f"The diagonal {'dominates' if dominant else 'does not dominate'}: in {count} of {size} rows the "
-        f"loss change on the row's own category lies {where} {bound:.2f} control SDs {side} the mean of "
-        f"{draws} random-neuron draws (z, {rule} bound) and {'further out than' if two_sided else 'above'} "
-        f"every other z of its row, and the rule asks for {majority} of {size} (false-positive rate at "
-        f"most {false_positive:.1g})."
+    return Dominance(
+        rows=[bool(r) for r in passing],
+        bound=bound,
+        majority=majority,
+        dominant=int(passing.sum()) >= majority,
+        false_positive_rate=float(stats.binom.sf(majority - 1, size, alpha)),
+        alpha=alpha,
+        two_sided=two_sided,
+        draws=draws,
     )
-    return {
-        "rows": [bool(r) for r in passing],
-        "bound": bound,
-        "majority": majority,
-        "alpha": alpha,
-        "false_positive_rate": false_positive,
-        "dominant": dominant,
-        "verdict": verdict,
-    }

@@ -19,7 +19,15 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from sparcom.data import Record
-from sparcom.edit.effects import Edits, LossChanges, check_scales, loss_changes
+from sparcom.edit.effects import (
+    Dominance,
+    Edits,
+    LossChanges,
+    check_scales,
+    dominance,
+    loss_changes,
+    z_scores,
+)
 from sparcom.recording.response_loss import ResponseLoss
 from sparcom.snapshot import Snapshot
 from sparcom.stats.select import category_isns
@@ -67,8 +75,6 @@ def dose_response(
 def dose_response_rows(changes: LossChanges) -> list[dict]:
     """One row per (steered, evaluated, scale), in that order, with the change's z-score against its
     random-neuron draws."""
-    from sparcom.edit.effects import z_scores
-
     mean, sd = changes.control.mean(1), changes.control.std(1)  # over draws: [S, R, C]
     z = z_scores(changes.delta, changes.control)  # [S, R, C]
     return [
@@ -87,12 +93,10 @@ def dose_response_rows(changes: LossChanges) -> list[dict]:
     ]
 
 
-def steering_dominance(rows: list[dict], draws: int, alpha: float = 0.05) -> dict[float, dict]:
+def steering_dominance(rows: list[dict], draws: int, alpha: float = 0.05) -> dict[float, Dominance]:
     """Scale -> whether the steered category's own loss moves beyond its control further than any
     other category's does (``sparcom.edit.effects.dominance``, two-sided: amplifying may lower a loss as
     well as raise it); scale 1 changes nothing and is left out."""
-    from sparcom.edit.effects import dominance
-
     steered = list(dict.fromkeys(row["steered"] for row in rows))
     evaluated = list(dict.fromkeys(row["evaluated"] for row in rows))
     verdicts = {}

@@ -3,12 +3,13 @@ can be trusted (interval or p-value, chance level) and the paper's own figure be
 
 from __future__ import annotations
 
-from sparcom.stats.comparison import SIDES, Comparison, Estimate
+from sparcom.edit.effects import Dominance
+from sparcom.stats.comparison import SIDES, Comparison
+from sparcom.stats.results import Estimate, TokenControl
 
 PAPER_ISN_JACCARD = "0.38-0.62"
 PAPER_ISE_PEARSON = "0.91-0.94"
 PAPER_UNIQUE = ("classification", "code", "math")
-ALPHA = 0.05
 
 
 # Below this many instructions per category the bootstrap intervals under-cover (measured: 0.85
@@ -42,11 +43,7 @@ def _interval(e: Estimate) -> str:
 
 
 def _isn_alteration(c: Comparison) -> str:
-    epsilon = (
-        c.settings.overlap_epsilon
-        if c.settings.overlap_epsilon in c.settings.epsilons
-        else c.settings.epsilons[len(c.settings.epsilons) // 2]
-    )
+    epsilon = c.headline_epsilon
     mean = c.isn_jaccard["mean"][epsilon]
     values = [c.isn_jaccard[k][epsilon].value for k in c.categories]
     defined = [v for v in values if v == v]
@@ -102,7 +99,7 @@ def _uniqueness(c: Comparison) -> str:
         f"{_share(general, max(isns))}-{_share(general, min(isns))} of each category's ISNs"
     )
     if base.diagonal_dominance is not None:
-        significant = [k for k, t in base.per_category.items() if t.p_holm < ALPHA]
+        significant = [k for k, t in base.per_category.items() if t.significant]
         text += (
             f"; over the whole matrix the diagonal exceeds the off-diagonal by {base.diagonal_dominance.statistic:.3f} "
             f"(permutation {_p(base.diagonal_dominance.p_value, c)}), and "
@@ -119,8 +116,11 @@ def _uniqueness(c: Comparison) -> str:
 
 
 def _p(value: float, c: Comparison) -> str:
+    return p_text(value, (c.settings.statistics or {}).get("permutations"))
+
+
+def p_text(value: float, permutations: int | None) -> str:
     """A permutation p-value; at its floor ``1 / (1 + permutations)`` it says that is a floor."""
-    permutations = (c.settings.statistics or {}).get("permutations")
     if permutations and value <= 1 / (1 + permutations) + 1e-12:
         return f"p = {value:.2g}, the smallest {permutations:,} permutations can give"
     return f"p = {value:.3g}"
@@ -137,7 +137,17 @@ def _token_control(c: Comparison) -> str:
             f"Vocabulary control: ISN overlap and vocabulary overlap between categories correlate at r = "
             f"{control.correlation:.2f} in the base model (no regression test: statistics off)."
         )
-    return control.verdict or ""
+    return token_control_sentence(control, (c.settings.statistics or {}).get("permutations"))
+
+
+def token_control_sentence(control: TokenControl, permutations: int | None = None) -> str:
+    """The token-overlap control's verdict as one sentence."""
+    word, side = ("survives", "below") if control.survives else ("does not survive", "not below")
+    return (
+        f"Category specificity {word} the token-overlap control: same-category pairs share "
+        f"{control.category_effect:+.3f} ISN Jaccard beyond pairs of equal token overlap "
+        f"({p_text(control.p_value, permutations)}, {side} {control.alpha:g})."
+    )
 
 
 def _three_phases(c: Comparison) -> str:
@@ -168,4 +178,18 @@ def _three_phases(c: Comparison) -> str:
         "when the middle lies below both others beyond sampling noise): "
         + "; ".join(parts)
         + " (paper: three phases, many early, fewer in the middle, a sharp rise in the final layers)."
+    )
+
+
+def dominance_sentence(d: Dominance) -> str:
+    """The causal check's verdict (ablation, or steering at one scale) as one sentence."""
+    count, size = sum(d.rows), len(d.rows)
+    where, side = ("further than", "from") if d.two_sided else ("more than", "above")
+    rule = f"{'two' if d.two_sided else 'one'}-sided {d.alpha:g}"
+    return (
+        f"The diagonal {'dominates' if d.dominant else 'does not dominate'}: in {count} of {size} rows the "
+        f"loss change on the row's own category lies {where} {d.bound:.2f} control SDs {side} the mean of "
+        f"{d.draws} random-neuron draws (z, {rule} bound) and {'further out than' if d.two_sided else 'above'} "
+        f"every other z of its row, and the rule asks for {d.majority} of {size} (false-positive rate at "
+        f"most {d.false_positive_rate:.1g})."
     )

@@ -10,14 +10,19 @@ import html
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from sparcom.report import figures
-from sparcom.report.findings import findings
+from sparcom.report.findings import dominance_sentence, findings, token_control_sentence
 from sparcom.stats.comparison import SIDES, Comparison
+
+if TYPE_CHECKING:
+    from sparcom.edit.ablation import Ablation
+    from sparcom.edit.effects import Dominance
 
 PAGE = "report.html"
 
@@ -307,7 +312,7 @@ def _overlap_blocks(c: Comparison, figures_dir: Path, tables: dict[str, Table]) 
     marks = None
     if c.overlap["base"].per_category is not None:
         marks = {
-            f"{side}": np.diag([c.overlap[side].per_category[k].p_holm < 0.05 for k in c.categories])
+            f"{side}": np.diag([c.overlap[side].per_category[k].significant for k in c.categories])
             for side in SIDES
         }
     panels = {side: np.asarray(c.overlap[side].matrix) for side in SIDES}
@@ -322,7 +327,8 @@ def _overlap_blocks(c: Comparison, figures_dir: Path, tables: dict[str, Table]) 
     caption = "Mean pairwise Jaccard of per-instruction ISN sets; base and tuned on one colour scale"
     if marks is not None:
         caption += (
-            "; outlined: within-category overlap above between-category overlap (Holm-adjusted p < 0.05)"
+            "; outlined: within-category overlap above between-category overlap "
+            f"(Holm-adjusted p < {c.settings.statistics['alpha']:g})"
         )
     blocks = [_figure(path, caption)]
     if "uniqueness_tests" in tables:
@@ -342,8 +348,8 @@ def _overlap_blocks(c: Comparison, figures_dir: Path, tables: dict[str, Table]) 
             text = (
                 f"{side}: the ISN and vocabulary overlap matrices correlate at r = {control.correlation:.3f}."
             )
-            if control.verdict:
-                text += " " + control.verdict
+            if control.survives is not None:
+                text += " " + token_control_sentence(control, c.settings.statistics["permutations"])
             blocks.append(f'<p class="note">{html.escape(text)}</p>')
     return blocks
 
@@ -542,7 +548,7 @@ ISN_SET_TEXT = {
 
 
 def write_ablation(
-    result: dict,
+    result: Ablation,
     categories: list[str],
     out: Path,
     *,
@@ -557,12 +563,12 @@ def write_ablation(
     (out / "tables").mkdir(parents=True, exist_ok=True)
     (out / "figures").mkdir(exist_ok=True)
     share = (lambda n: f", {100 * n / total_neurons:.1f}%") if total_neurons else (lambda n: "")
-    rows = [f"zero {k} ({n}{share(n)})" for k, n in zip(categories, result["neurons"], strict=True)]
+    rows = [f"zero {k} ({n}{share(n)})" for k, n in zip(categories, result.neurons, strict=True)]
     matrices = {
-        "isn_delta": result["delta"],
-        "control_mean": result["control"],
-        "control_sd": result["control_sd"],
-        "z": result["z"],
+        "isn_delta": result.delta,
+        "control_mean": result.control,
+        "control_sd": result.control_sd,
+        "z": result.z,
     }
     for name, matrix in matrices.items():
         Table(
@@ -573,10 +579,10 @@ def write_ablation(
     intact = Table(
         "intact_loss",
         ["category", "loss (nats/token)"],
-        [[k, float(v)] for k, v in zip(categories, result["intact"], strict=True)],
+        [[k, float(v)] for k, v in zip(categories, result.intact, strict=True)],
     )
     intact.write(out / "tables")
-    dominance = result["dominance"]
+    dominance, verdict = result.dominance, dominance_sentence(result.dominance)
     summary = {
         "model": model,
         "epsilon": epsilon,
@@ -584,14 +590,14 @@ def write_ablation(
         "total_neurons": total_neurons,
         "held_out": held_out,
         "categories": categories,
-        "neurons": result["neurons"],
-        "intact_loss": [float(v) for v in result["intact"]],
+        "neurons": result.neurons,
+        "intact_loss": [float(v) for v in result.intact],
         **{name: m.tolist() for name, m in matrices.items()},
-        "dominance": dominance,
+        "dominance": asdict(dominance) | {"verdict": verdict},
     }
     (out / "ablation.json").write_text(json.dumps(summary, indent=2))
     changes = figures.heatmaps(
-        {"ISNs zeroed": result["delta"].numpy(), "random neurons (mean of draws)": result["control"].numpy()},
+        {"ISNs zeroed": result.delta.numpy(), "random neurons (mean of draws)": result.control.numpy()},
         categories,
         out / "figures" / "loss_change.png",
         "response-loss change (nats/token)",
@@ -599,9 +605,9 @@ def write_ablation(
         row_labels=rows,
         diverging=True,
     )
-    marks = {"z": np.diag(dominance["rows"])}
+    marks = {"z": np.diag(dominance.rows)}
     z = figures.heatmaps(
-        {"z": result["z"].numpy()},
+        {"z": result.z.numpy()},
         categories,
         out / "figures" / "z.png",
         "z-score against the random-neuron draws",
@@ -611,7 +617,7 @@ def write_ablation(
         marks=marks,
     )
     sections = [
-        ("Verdict", [f'<p class="note">{html.escape(dominance["verdict"])}</p>']),
+        ("Verdict", [f'<p class="note">{html.escape(verdict)}</p>']),
         (
             "Loss changes",
             [
@@ -633,11 +639,9 @@ def write_ablation(
             if held_out
             else "instructions that include the probe set"
         )
-        + f"; {len(result['control_draws'])} random-neuron draws per row with the same per-site counts.</p>"
+        + f"; {len(result.control_draws)} random-neuron draws per row with the same per-site counts.</p>"
     )
-    description = (
-        f"ablation: each category's ISNs (eps={epsilon:g}) zeroed; " + dominance["verdict"].split(":")[0]
-    )
+    description = f"ablation: each category's ISNs (eps={epsilon:g}) zeroed; " + verdict.split(":")[0]
     return write_page(
         out / PAGE, f"SPARCOM ablation: {model}", sections, header=setting, description=description
     )
@@ -646,7 +650,7 @@ def write_ablation(
 def write_steering(
     rows: list[dict],
     figure_paths: dict,
-    verdicts: dict[float, dict],
+    verdicts: dict[float, Dominance],
     out: Path,
     *,
     model: str,
@@ -673,10 +677,11 @@ def write_steering(
         "Loss change in control SDs, per scale",
         row_labels=[f"steer {k}" for k in steered],
         diverging=True,
-        marks={name: np.diag(v["rows"]) for name, v in zip(panels, verdicts.values(), strict=True)},
+        marks={name: np.diag(v.rows) for name, v in zip(panels, verdicts.values(), strict=True)},
     )
     verdict_items = "".join(
-        f"<li><b>scale {scale:g}</b>: {html.escape(v['verdict'])}</li>" for scale, v in verdicts.items()
+        f"<li><b>scale {scale:g}</b>: {html.escape(dominance_sentence(v))}</li>"
+        for scale, v in verdicts.items()
     )
     own = [r for r in rows if r["steered"] == r["evaluated"]]
     table = Table(
@@ -721,7 +726,6 @@ def write_steering(
         header=setting,
         description=f"steering: {len(steered)} categories' ISNs scaled by {', '.join(f'{x:g}' for x in sorted({r['scale'] for r in rows}))}; "
         + "; ".join(
-            f"scale {k:g}: {'dominates' if v['dominant'] else 'does not dominate'}"
-            for k, v in verdicts.items()
+            f"scale {k:g}: {'dominates' if v.dominant else 'does not dominate'}" for k, v in verdicts.items()
         ),
     )

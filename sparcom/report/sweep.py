@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from sparcom.errors import ConfigError
+from sparcom.stats.results import Estimate
 from sparcom.train.run_folder import CONFIG, flat
 
 
@@ -26,7 +27,8 @@ class SweepJob:
         swept: the settings that vary across the sweep, as this job set them.
         objective: ``(name, value)``: what the job returned to the sweeper.
         steps: its first and last snapshot's steps.
-        isn_jaccard: epsilon -> category (and "mean") -> ``(value, ci95 or None)``, last snapshot vs first.
+        isn_jaccard: epsilon -> category (and "mean") -> its Estimate (with a 95% interval
+            when statistics are on), last snapshot vs first.
         loss_start, loss_end: category -> held-out loss at the first and last snapshot (empty without).
     """
 
@@ -34,7 +36,7 @@ class SweepJob:
     swept: dict[str, object]
     objective: tuple[str, float | None]
     steps: tuple[int, int]
-    isn_jaccard: dict[float, dict[str, tuple[float, tuple[float, float] | None]]]
+    isn_jaccard: dict[float, dict[str, Estimate]]
     loss_start: dict[str, float]
     loss_end: dict[str, float]
 
@@ -113,12 +115,7 @@ def sweep_jobs(folders: list[Path], epsilons: list[float], mode: str, statistics
             defined = [v for v in values.values() if v == v]
             values["mean"] = sum(defined) / len(defined) if defined else math.nan
             jaccard[epsilon] = {
-                c: (
-                    v,
-                    (boot.isn_jaccard[c][epsilon].ci95.lo, boot.isn_jaccard[c][epsilon].ci95.hi)
-                    if boot
-                    else None,
-                )
+                c: Estimate(v, ci95=boot.isn_jaccard[c][epsilon].ci95 if boot else None)
                 for c, v in values.items()
             }
         points = read_drift(folder / "snapshots" / "drift.jsonl")
@@ -154,8 +151,8 @@ def write_sweep(out: Path, jobs: list[SweepJob], categories: list[str]) -> Path:
     rows = []
     for job in jobs:
         row = [job.folder.name, *[job.swept[k] for k in keys], job.objective[1]]
-        row += [job.isn_jaccard[e][c][0] for e in epsilons for c in [*categories, "mean"]]
-        row += [job.isn_jaccard[e][c][1] for e in epsilons for c in categories]
+        row += [job.isn_jaccard[e][c].value for e in epsilons for c in [*categories, "mean"]]
+        row += [job.isn_jaccard[e][c].ci95 for e in epsilons for c in categories]
         row += [job.loss_change(c) for c in categories]
         rows.append(row)
     table = Table("sweep", header, rows)
@@ -167,7 +164,7 @@ def write_sweep(out: Path, jobs: list[SweepJob], categories: list[str]) -> Path:
     log = len(keys) == 1 and all(v > 0 for v in x) and max(x) / min(x) >= 10
     panels = {
         f"ISN Jaccard, last vs step 0, eps={e:g}": {
-            c: [jobs[i].isn_jaccard[e][c][0] for i in order] for c in categories
+            c: [jobs[i].isn_jaccard[e][c].value for i in order] for c in categories
         }
         for e in epsilons
     }
@@ -214,7 +211,7 @@ def write_sweep(out: Path, jobs: list[SweepJob], categories: list[str]) -> Path:
                 job.folder.name,
                 *[job.swept[k] for k in keys],
                 job.objective[1],
-                *[job.isn_jaccard[e]["mean"][0] for e in epsilons],
+                *[job.isn_jaccard[e]["mean"].value for e in epsilons],
             ]
             for job in jobs
         ],

@@ -259,7 +259,7 @@ def write_steering(
     return report.write_steering(
         rows,
         written["figures"],
-        steering_dominance(rows, e.control_draws),
+        steering_dominance(rows, e.control_draws, e.alpha),
         out,
         model=model_spec["name_or_path"],
         epsilon=e.epsilon,

@@ -7,16 +7,17 @@ and its figures are renderings of it (``sparcom.report.pages``), and nothing is 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
 from sparcom.snapshot import Snapshot, check_comparable, instruction_order
 from sparcom.stats import analysis
-from sparcom.stats.estimates import PhaseTest, phase_test
+from sparcom.stats.estimates import phase_test
 from sparcom.stats.metrics import category_block_means
 from sparcom.stats.permutation import diagonal_dominance, token_control
 from sparcom.stats.resampling import half_sample_alteration, paired_bootstrap, sampling_stability
+from sparcom.stats.results import Estimate, Profile, Test, TokenControl
 from sparcom.train.drift import DriftPoint
 
 SIDES = ("base", "tuned")
@@ -46,63 +47,12 @@ class Settings:
 
 
 @dataclass(frozen=True)
-class Estimate:
-    """A number with how far it can be trusted: its 95% interval, and for an ISN Jaccard the
-    chance level (random sets of the same per-site sizes), the split-half stability of each side
-    (sets of two disjoint halves of the instructions), and ``value_half``, the same Jaccard with both
-    sides' sets selected on one half (the stability's halves): the one to set against the stability,
-    at a matched sample size."""
-
-    value: float
-    ci95: tuple[float, float] | None = None
-    chance: float | None = None
-    stability_base: float | None = None
-    stability_tuned: float | None = None
-    value_half: float | None = None
-
-
-@dataclass(frozen=True)
-class Test:
-    """A statistic with its permutation p-value (``p_holm``: Holm-adjusted across categories)."""
-
-    statistic: float
-    p_value: float
-    p_holm: float | None = None
-
-
-@dataclass(frozen=True)
 class Overlap:
     """The 6x6 mean pairwise Jaccard of per-instruction ISN sets, and whether its diagonal stands out."""
 
     matrix: list[list[float]]
     diagonal_dominance: Test | None = None
     per_category: dict[str, Test] | None = None
-
-
-@dataclass(frozen=True)
-class TokenControl:
-    """ISN overlap against vocabulary overlap: their correlation over the 6x6 matrices, and the
-    category effect on ISN similarity beyond token similarity (a regression over instruction pairs)."""
-
-    correlation: float
-    category_effect: float | None = None
-    p_value: float | None = None
-    verdict: str | None = None
-
-
-@dataclass(frozen=True)
-class Profile:
-    """ISN count per layer, fitted by three segments found from the data (``sparcom.stats.estimates.
-    three_segments``): early ``[0, a)``, middle ``[a, b)``, late ``[b, L)``. Three-phase when the
-    middle lies below both others and, with resamples, the 95% interval of that margin lies above 0."""
-
-    counts: list[int]
-    three_phase: bool
-    margin: float  # min(early, late) - middle, in ISNs per layer
-    ci95: tuple[float, float] | None = None
-    boundaries: tuple[int, int] | None = None  # (a, b): the first middle and the first late layer
-    boundaries_ci: tuple[tuple[float, float], tuple[float, float]] | None = None
-    means: tuple[float, float, float] | None = None  # early, middle, late ISNs per layer
 
 
 @dataclass
@@ -133,6 +83,17 @@ class Comparison:
     drift: list[DriftPoint] | None = None
     notes: dict[str, str] = field(default_factory=dict)
     unique_isn_jaccard: dict[str, Estimate] = field(default_factory=dict)
+
+    @property
+    def headline_epsilon(self) -> float:
+        """The epsilon the findings speak of: ``overlap_epsilon`` where the alteration table has it,
+        else the table's middle column."""
+        epsilons = self.settings.epsilons
+        return (
+            self.settings.overlap_epsilon
+            if self.settings.overlap_epsilon in epsilons
+            else epsilons[len(epsilons) // 2]
+        )
 
     def summary(self) -> dict:
         """The JSON document written as summary.json (schema in the README)."""
@@ -209,7 +170,7 @@ def _defined_or_null(value):
 def _test(test: Test | None, holm: bool = True) -> dict | None:
     if test is None:
         return None
-    out = {"statistic": test.statistic, "p_value": test.p_value}
+    out = {"statistic": test.statistic, "p_value": test.p_value, "significant": test.significant}
     return out | {"p_holm": test.p_holm} if holm else out
 
 
@@ -237,6 +198,14 @@ class Statistics:
     permutations: int = 1000  # label permutations of each permutation test
     splits: int = 20  # random half-splits averaged by the sampling stability
     seed: int = 0
+    alpha: float = 0.05  # significance level of every test
+
+    @classmethod
+    def of(cls, stats) -> Statistics | None:
+        """From the config's ``stats`` section (``StatsConfig``); None when statistics are off."""
+        if not stats.enabled:
+            return None
+        return cls(stats.resamples, stats.permutations, stats.splits, stats.seed, stats.alpha)
 
 
 def compare(
@@ -306,7 +275,7 @@ def compare(
         for c in every:
             isn_jaccard[c][epsilon] = Estimate(
                 values[c],
-                ci95=_interval(boot.isn_jaccard[c][epsilon]) if boot else None,
+                ci95=boot.isn_jaccard[c][epsilon].ci95 if boot else None,
                 chance=chances[c],
                 stability_base=_stability(stability, "base", c, epsilon),
                 stability_tuned=_stability(stability, "tuned", c, epsilon),
@@ -317,7 +286,7 @@ def compare(
     if pearson:
         pearson["mean"] = _mean(list(pearson.values()))
         ise_pearson = {
-            c: Estimate(v, ci95=_interval(boot.ise_pearson[c]) if boot else None) for c, v in pearson.items()
+            c: Estimate(v, ci95=boot.ise_pearson[c].ci95 if boot else None) for c, v in pearson.items()
         }
     sweep = {c: [tallies[e].jaccard(c) for e in sweep_epsilons] for c in categories}
     empty = {
@@ -405,11 +374,13 @@ def _overlap(
         blocks = category_block_means(matrix, labels, categories)
         tests = None
         if statistics is not None:
-            tests = diagonal_dominance(matrix, labels, categories, statistics.permutations, statistics.seed)
+            tests = diagonal_dominance(
+                matrix, labels, categories, statistics.permutations, statistics.seed, statistics.alpha
+            )
         comparison.overlap[side] = Overlap(
             blocks.tolist(),
-            diagonal_dominance=_as_test(tests.overall) if tests else None,
-            per_category={c: _as_test(t) for c, t in tests.per_category.items()} if tests else None,
+            diagonal_dominance=tests.overall if tests else None,
+            per_category=tests.per_category if tests else None,
         )
     if token_similarity is None:
         comparison.notes.setdefault(
@@ -421,25 +392,12 @@ def _overlap(
     comparison.token_control = {}
     for side, matrix in similarity.items():
         correlation = analysis.matrix_correlation(torch.tensor(comparison.overlap[side].matrix), tokens)
-        control = None
+        control = TokenControl()
         if statistics is not None:
             control = token_control(
-                matrix, token_similarity, labels, statistics.permutations, statistics.seed
+                matrix, token_similarity, labels, statistics.permutations, statistics.seed, statistics.alpha
             )
-        comparison.token_control[side] = TokenControl(
-            correlation,
-            category_effect=control.category_effect if control else None,
-            p_value=control.p_value if control else None,
-            verdict=control.verdict if control else None,
-        )
-
-
-def _interval(estimate) -> tuple[float, float]:
-    return (estimate.ci95.lo, estimate.ci95.hi)
-
-
-def _as_test(test) -> Test:
-    return Test(test.statistic, test.p_value, test.p_holm)
+        comparison.token_control[side] = replace(control, correlation=correlation)
 
 
 def _stability(stability: dict | None, side: str, category: str, epsilon: float) -> float | None:
@@ -451,23 +409,13 @@ def _stability(stability: dict | None, side: str, category: str, epsilon: float)
     return by_category[category][epsilon]
 
 
-def _profile(counts: list[int], test: PhaseTest | None) -> Profile:
+def _profile(counts: list[int], test: Profile | None) -> Profile:
     """A layer profile with its three-phase test (without resamples: the margin alone decides)."""
     if len(counts) < 3:
         return Profile(counts, False, float("nan"))
     if test is None:
-        test = phase_test(torch.tensor([counts]))
-    intervals = None if test.boundaries_ci is None else tuple((i.lo, i.hi) for i in test.boundaries_ci)
-    ci95 = None if test.boundaries_ci is None else (test.ci95.lo, test.ci95.hi)
-    return Profile(
-        counts,
-        test.three_phase if ci95 else test.margin > 0,
-        test.margin,
-        ci95,
-        test.boundaries,
-        intervals,
-        test.means,
-    )
+        return phase_test(torch.tensor([counts]))
+    return replace(test, counts=counts)
 
 
 def _mean(values: Sequence[float]) -> float:

@@ -9,55 +9,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from scipy.fft import irfft, next_fast_len, rfft
 
+from sparcom.stats.results import Estimate, Interval, Profile
+
 # Probability mass each site's intersection distribution may leave out of its window: the chance
 # level is exact to (number of sites) * this.
 _TAIL_MASS = 1e-15
-
-
-@dataclass(frozen=True)
-class Interval:
-    """A closed interval ``[lo, hi]`` (nan, nan when no resample gave a finite value)."""
-
-    lo: float
-    hi: float
-
-
-@dataclass(frozen=True)
-class Estimate:
-    """A statistic on the full sample (``value``) and its 95% percentile bootstrap interval."""
-
-    value: float
-    ci95: Interval
-
-
-@dataclass(frozen=True)
-class PhaseTest:
-    """The three-phase test of one layer profile: the profile is fitted by three constant segments,
-    their boundaries found from the data (``three_segments``), early ``[0, a)``, middle ``[a, b)``
-    and late ``[b, L)``.
-
-    Attributes:
-        three_phase: the middle segment lies below both others (``margin > 0``) and the 95% interval
-            of the margin lies above 0: both the fall and the rise are beyond sampling noise.
-        margin: ``min(early, late) - middle`` of the segments' mean ISN counts per layer, full sample.
-        ci95: percentile bootstrap interval of the margin (the segments refitted in every resample).
-        boundaries: ``(a, b)``: the first middle layer and the first late layer, full sample.
-        boundaries_ci: 95% intervals of ``a`` and ``b`` over the resamples.
-        means: ``(early, middle, late)`` mean ISN count per layer of each segment, full sample.
-    """
-
-    three_phase: bool
-    margin: float
-    ci95: Interval
-    boundaries: tuple[int, int] | None = None
-    boundaries_ci: tuple[Interval, Interval] | None = None
-    means: tuple[float, float, float] | None = None
 
 
 # ------------------------------------------------------------------------------- chance level
@@ -194,17 +155,22 @@ def phase_margin(profiles: torch.Tensor) -> torch.Tensor:
     return torch.minimum(means[:, 0], means[:, 2]) - means[:, 1]
 
 
-def phase_test(profiles: torch.Tensor) -> PhaseTest:
-    """``[1 + R, L]`` layer profiles, the full sample first and then its resamples -> ``PhaseTest``;
-    each resample's segments are fitted afresh, so the intervals carry the uncertainty of where the
-    phases lie as well as of how deep the middle is."""
+def phase_test(profiles: torch.Tensor) -> Profile:
+    """``[1 + R, L]`` layer profiles, the full sample first and then its resamples (none: ``[1, L]``)
+    -> its ``Profile``; each resample's segments are fitted afresh, so the intervals carry the
+    uncertainty of where the phases lie as well as of how deep the middle is. Without resamples the
+    margin alone decides ``three_phase``."""
     a, b, means = three_segments(profiles)
     margins = estimate(torch.minimum(means[:, 0], means[:, 2]) - means[:, 1])
-    return PhaseTest(
-        margins.value > 0 and margins.ci95.lo > 0,
-        margins.value,
-        margins.ci95,
-        (int(a[0]), int(b[0])),
-        (percentile_interval(a[1:].double()), percentile_interval(b[1:].double())) if len(a) > 1 else None,
-        tuple(float(m) for m in means[0]),
+    resampled = len(a) > 1
+    return Profile(
+        counts=[round(v) for v in profiles[0].tolist()],
+        three_phase=margins.value > 0 and (not resampled or margins.ci95.lo > 0),
+        margin=margins.value,
+        ci95=margins.ci95 if resampled else None,
+        boundaries=(int(a[0]), int(b[0])),
+        boundaries_ci=(percentile_interval(a[1:].double()), percentile_interval(b[1:].double()))
+        if resampled
+        else None,
+        means=tuple(float(m) for m in means[0]),
     )

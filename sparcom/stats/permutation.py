@@ -11,51 +11,15 @@ and the instructions' category labels. Pairs of instructions are not independent
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
+
+from sparcom.stats.results import DiagonalDominance, Test, TokenControl
 
 # Null statistics within this relative distance of the observed one count as ties (>=): the same
 # block sums added in another order differ by round-off only.
 _TIE = 1e-12
 _BATCH = 200
-
-
-@dataclass(frozen=True)
-class PermutationTest:
-    """One permutation test: the observed statistic, its p-value and its Holm-adjusted p-value
-    across the family it belongs to (equal to ``p_value`` for a test that stands alone)."""
-
-    statistic: float
-    p_value: float
-    p_holm: float
-
-
-@dataclass(frozen=True)
-class DiagonalDominance:
-    """Attributes:
-    overall: mean diagonal minus mean off-diagonal of the ``[C, C]`` block-mean matrix.
-    per_category: for each category, the mean similarity of its pairs of distinct instructions
-        minus the mean of its pairs with instructions of other categories, Holm-adjusted across
-        categories.
-    """
-
-    overall: PermutationTest
-    per_category: dict[str, PermutationTest]
-
-
-@dataclass(frozen=True)
-class TokenControl:
-    """Attributes:
-    category_effect: how much higher the ISN similarity of a same-category pair is than that of a
-        pair with the same token similarity (regression coefficient, in similarity units).
-    p_value: one-sided permutation p-value of that effect (see ``token_control``).
-    verdict: one sentence saying whether category specificity survives the control.
-    """
-
-    category_effect: float
-    p_value: float
-    verdict: str
 
 
 def holm(p_values: torch.Tensor) -> torch.Tensor:
@@ -124,13 +88,15 @@ def diagonal_dominance(
     categories: Sequence[str],
     permutations: int = 1000,
     seed: int = 0,
+    alpha: float = 0.05,
 ) -> DiagonalDominance:
     """Generality and uniqueness as tests, on the ``[N, N]`` pairwise similarity of instructions.
 
     Statistics (see ``DiagonalDominance``) are compared with their distribution over
     ``permutations`` random relabelings (category labels shuffled among instructions, so category
     sizes are kept); p-values are one-sided (greater), per-category ones Holm-adjusted across
-    categories. The same ``seed`` gives the same result.
+    categories; a test is ``significant`` when its (adjusted) p-value lies below ``alpha``. The same
+    ``seed`` gives the same result.
     """
     _check_inputs(similarity, permutations)
     codes = _labels(labels, categories, similarity.shape[0])
@@ -149,10 +115,12 @@ def diagonal_dominance(
     p_values = permutation_p_value(observed, null)
     adjusted = holm(p_values[1:])
     per_category = {
-        c: PermutationTest(float(observed[1 + i]), float(p_values[1 + i]), float(adjusted[i]))
+        c: Test(
+            float(observed[1 + i]), float(p_values[1 + i]), float(adjusted[i]), float(adjusted[i]) < alpha
+        )
         for i, c in enumerate(categories)
     }
-    overall = PermutationTest(float(observed[0]), float(p_values[0]), float(p_values[0]))
+    overall = Test(float(observed[0]), float(p_values[0]), float(p_values[0]), float(p_values[0]) < alpha)
     return DiagonalDominance(overall, per_category)
 
 
@@ -262,10 +230,4 @@ def token_control(
         along_basis = (products[:, 1:] ** 2).sum(1)
         null.append(_t_statistic(products[:, 0], norm - along_basis, response_norm, dof))
     p_value = float(permutation_p_value(observed, torch.cat(null), tie=_FLOAT32_TIE))
-    survives = p_value < alpha
-    verdict = (
-        f"Category specificity {'survives' if survives else 'does not survive'} the token-overlap control: "
-        f"same-category pairs share {effect:+.3f} ISN Jaccard beyond pairs of equal token overlap "
-        f"(p = {p_value:.3g}, {'below' if survives else 'not below'} {alpha})."
-    )
-    return TokenControl(effect, p_value, verdict)
+    return TokenControl(category_effect=effect, p_value=p_value, survives=p_value < alpha, alpha=alpha)

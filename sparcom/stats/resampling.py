@@ -32,15 +32,9 @@ import torch
 
 from sparcom.snapshot import Snapshot, SnapshotError, check_comparable
 from sparcom.stats.analysis import neuron_sites
-from sparcom.stats.estimates import (
-    Estimate,
-    PhaseTest,
-    estimate,
-    pearson_from_moments,
-    phase_test,
-    three_segments,
-)
+from sparcom.stats.estimates import estimate, pearson_from_moments, phase_test, three_segments
 from sparcom.stats.metrics import jaccard_ratio
+from sparcom.stats.results import Estimate, Profile
 from sparcom.stats.select import (
     NEURON_KINDS,
     SELECTION_MODES,
@@ -70,7 +64,7 @@ class PairedBootstrap:
 
     isn_jaccard: dict[str, dict[float, Estimate]]
     ise_pearson: dict[str, Estimate]
-    layer_phases: dict[str, dict[str, dict[float, PhaseTest]]]
+    layer_phases: dict[str, dict[str, dict[float, Profile]]]
 
 
 @dataclass(frozen=True)
@@ -388,7 +382,7 @@ def layer_phase_tests(
     mode: str = "threshold",
     resamples: int = 200,
     seed: int = 0,
-) -> dict[str, dict[float, PhaseTest]]:
+) -> dict[str, dict[float, Profile]]:
     """Category -> epsilon -> three-phase test of the snapshot's layer profile (ISN count per layer):
     three segments fitted to it, with bootstrap intervals of their boundaries and of the margin
     (instructions resampled as in ``paired_bootstrap``, the segments refitted in each resample).
