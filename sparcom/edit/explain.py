@@ -24,7 +24,7 @@ from sparcom.data import Record
 from sparcom.models.placement import input_device
 from sparcom.models.sites import find_sites, unwrap
 from sparcom.recording.conversation import Encoded, continued, encode
-from sparcom.recording.probe import length_bucketed, pad_batch
+from sparcom.recording.probe import length_bucketed, pad_batch, pad_id
 from sparcom.recording.recorder import NeuronTap, inference_mode
 from sparcom.snapshot import Snapshot
 from sparcom.stats.select import NEURON_KINDS
@@ -235,10 +235,13 @@ def top_activations(
     token_scope: str,
     batch_size: int = 16,
     progress: bool = False,
+    *,
+    padding: int = 0,
 ) -> list[list[tuple[int, int, float]]]:
     """One pass over the conversations: each neuron's ``top`` largest activations at counted tokens.
 
-    ``encoded[n]``: instruction ``n``'s conversation as the recorder counts it. Returns, per neuron,
+    ``encoded[n]``: instruction ``n``'s conversation as the recorder counts it; ``padding``: the
+    tokenizer's pad id. Returns, per neuron,
     up to ``top`` ``(n, position, activation)``, largest first. Device memory: one batch's
     ``[B, L, K]`` activations of the ``K`` chosen neurons of a site, and ``[K, top]`` per site.
     """
@@ -259,7 +262,7 @@ def top_activations(
             unit="batch",
             disable=not progress,
         ):
-            input_ids, attention, counted = pad_batch([encoded[i] for i in rows], token_scope, 0)
+            input_ids, attention, counted = pad_batch([encoded[i] for i in rows], token_scope, padding)
             tap.set_batch(*input_ids.shape)
             model(
                 input_ids=input_ids.to(device),
@@ -305,7 +308,9 @@ def explain(
         if missing:
             raise ValueError(f"the snapshot holds no continuation of instruction {missing[0]!r}")
         encoded = [continued(e, snapshot.generated[r["id"]]) for e, r in zip(encoded, records, strict=True)]
-    found = top_activations(model, encoded, neurons, top, scope, batch_size, progress)
+    found = top_activations(
+        model, encoded, neurons, top, scope, batch_size, progress, padding=pad_id(tokenizer)
+    )
     return [
         NeuronCard(
             neuron,

@@ -134,9 +134,10 @@ def record(
         pin = any(p.device.type == "cuda" for p in hf_model.parameters())
         shapes = {name: site.shape for name, site in sites.items()}
         host = HostRows(shapes, len(records), count_dtype(int(tokens.max())), batch_size, pin)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     with failing_together(rank, world), inference_mode(model), recorder:
-        _run_batches(model, recorder, host, encoded, batches, category_of, token_scope, pad_id, progress)
+        _run_batches(
+            model, recorder, host, encoded, batches, category_of, token_scope, pad_id(tokenizer), progress
+        )
 
     totals = _category_totals(recorder, len(categories), world)
     instruction_counts = None if host is None else _instruction_counts(host, batches, world)
@@ -293,6 +294,11 @@ def _share_rows(rows: dict[str, torch.Tensor], batches: list[list[int]]) -> None
             torch.distributed.broadcast(staged, src=index % world)
             if staged is not chunk:
                 chunk.copy_(staged)
+
+
+def pad_id(tokenizer) -> int:
+    """The id padded positions hold: the tokenizer's pad token, else 0 (masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def pad_batch(

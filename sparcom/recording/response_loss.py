@@ -13,7 +13,7 @@ from sparcom.data import Record
 from sparcom.models.placement import input_device
 from sparcom.models.sites import unwrap
 from sparcom.recording.conversation import encode
-from sparcom.recording.probe import length_bucketed, pad_batch
+from sparcom.recording.probe import length_bucketed, pad_batch, pad_id
 from sparcom.recording.recorder import inference_mode
 
 
@@ -39,7 +39,7 @@ class ResponseLoss:
         self.categories = list(categories)
         encoded = [encode(r, tokenizer, max_length) for r in records]
         category_of = torch.tensor([self.categories.index(r["category"]) for r in records])
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        padding = pad_id(tokenizer)
         scored = {r["category"] for r, e in zip(records, encoded, strict=True) if e.response_mask[1:].any()}
         silent = [c for c in self.categories if c not in scored]
         if silent:
@@ -49,7 +49,7 @@ class ResponseLoss:
             )
         self.batches = []
         for batch in length_bucketed([len(e.input_ids) for e in encoded], batch_size):
-            ids, attention, scope = pad_batch([encoded[i] for i in batch], "response", pad_id)
+            ids, attention, scope = pad_batch([encoded[i] for i in batch], "response", padding)
             # Logits are needed from the position before the earliest response token on: the model
             # projects only those onto the vocabulary (logits_to_keep), not every prompt token.
             first = int(scope.float().argmax(1).min()) - 1
