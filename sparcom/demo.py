@@ -46,20 +46,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def what_changed(run: Path) -> str:
-    """The held-out loss and the ISN drift, first snapshot against last, per category."""
+    """The held-out loss and the ISN drift, first snapshot against last, per category, with the
+    Jaccard that random sets of the same sizes would give and the split-half stability."""
     rows = [json.loads(line) for line in (run / "snapshots" / "drift.jsonl").read_text().splitlines()]
     first, last = rows[0], rows[-1]
     epsilon = f"{last['headline_epsilon']:g}"
     lines = [
-        f"  {'category':<15}{'held-out loss':>24}{'ISN Jaccard vs step 0':>24}{'split-half stability':>22}"
+        f"  ISN Jaccard at eps={epsilon}, step {first['step']} vs step {last['step']} (1: the same ISNs); "
+        "chance: random sets of the same sizes; stability: two halves of the probe set at step 0",
+        f"  {'category':<15}{'held-out loss':>24}{'ISN Jaccard':>13}{'chance':>9}{'stability':>11}",
     ]
     for category, loss in last["held_out_loss"].items():
         before = first["held_out_loss"][category]
         jaccard = last["isn_jaccard"]["base"][epsilon][category]
+        chance = last.get("isn_chance", {}).get(epsilon, {}).get(category)
         stability = first["isn_stability"].get(epsilon, {}).get(category)
         lines.append(
-            f"  {category:<15}{before:>11.3f} -> {loss:.3f}{jaccard:>24.3f}"
-            + (f"{stability:>22.3f}" if stability is not None else "")
+            f"  {category:<15}{before:>11.3f} -> {loss:.3f}{jaccard:>13.3f}"
+            + (f"{chance:>9.3f}" if chance is not None else f"{'–':>9}")
+            + (f"{stability:>11.3f}" if stability is not None else "")
         )
     return "\n".join(lines)
 

@@ -21,6 +21,7 @@ import yaml
 import sparcom
 from sparcom.cli import compose
 from sparcom.data import CATEGORIES, load_records
+from sparcom.demo import what_changed
 from sparcom.models.loading import load_model
 from sparcom.snapshot import Snapshot, snapshot_series
 from sparcom.train.drift import DriftPoint, drift_point, read_drift
@@ -155,6 +156,14 @@ def test_sft_run_logs_drift_next_to_the_loss_and_the_whole_config(tmp_path):
             assert 0 < drift[step][f"sparcom/isn_jaccard_chance/base/eps=0.5/{category}"] < 1
     written = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert written["sparcom"]["token_scope"] == "all" and written["trainer"]["args"]["learning_rate"] == 2e-4
+    # make demo's closing table: each category's loss, its drift, and that drift's chance level.
+    table = what_changed(run_dir).splitlines()
+    math_row = next(line for line in table if line.split()[0] == "math").split()
+    assert float(math_row[1]) == pytest.approx(points[0].held_out_loss["math"], abs=5e-4)
+    assert float(math_row[4]) == pytest.approx(drift[6]["sparcom/isn_jaccard/base/eps=0.5/math"], abs=5e-4)
+    assert float(math_row[5]) == pytest.approx(
+        drift[6]["sparcom/isn_jaccard_chance/base/eps=0.5/math"], abs=5e-4
+    )
 
 
 @pytest.mark.slow
