@@ -367,6 +367,8 @@ def test_steering_writes_the_dose_response_table_and_figures(run):
     assert len(rows) == 6 * 6 * 3
     text = page.read_text()  # a verdict per scale that changes something, and the z-scores behind it
     assert text.count("<b>scale ") == 2 and "The diagonal" in text and "z-scores" in text
+    # The run's probe set is its held-out split; steering measures on instructions outside it, and says so.
+    assert "held-out instructions (not used to select the ISNs)" in text and "2 random-neuron sets" in text
     unchanged = [r for r in rows if float(r["scale"]) == 1]
     assert all(float(r["loss_delta"]) == 0 and float(r["control_mean"]) == 0 for r in unchanged)
     assert len(list((out / "figures").glob("dose_response_*.png"))) == 6

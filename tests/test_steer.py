@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import csv
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +180,13 @@ def test_a_heatmap_cell_that_rounds_to_zero_prints_zero():
     from sparcom.report.figures import cell_text
 
     assert cell_text(-0.000001, 5) == "0" and cell_text(0.0, 3) == "0" and cell_text(-0.0012, 4) == "-0.0012"
+
+
+def test_one_outlier_does_not_bleach_a_diverging_heatmap():
+    from sparcom.report.figures import diverging_limit
+
+    z = np.array([-1.0, 0.8, 2.2, -2.9, 4.6, 1.4, -0.5, 0.3, 5.2, -54.2])
+    assert diverging_limit(z) == pytest.approx(3 * np.percentile(np.abs(z), 90))  # clipped: the rest reads
+    even = np.array([-3.0, 2.0, 1.0, -0.5, 2.5])
+    assert diverging_limit(even) == 3.0  # no outlier: the full range
+    assert diverging_limit(np.array([np.nan, 0.0])) > 0

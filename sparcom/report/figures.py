@@ -40,14 +40,18 @@ def heatmaps(
     diverging: bool = False,
     marks: dict[str, np.ndarray] | None = None,
 ) -> Path:
-    """Annotated ``[R, C]`` heatmaps side by side on one colour scale (diverging: centred on 0).
+    """Annotated ``[R, C]`` heatmaps side by side on one colour scale (diverging: centred on 0, and
+    clipped where a few cells lie far beyond the rest, so that one outlier does not bleach every
+    other cell; the colour bar says so, and every cell prints its value).
 
     ``marks[panel]``: ``[R, C]`` bool, cells outlined (e.g. significant after correction).
     """
     values = {name: np.asarray(matrix, dtype=float) for name, matrix in panels.items()}
     everything = np.concatenate([v.ravel() for v in values.values()])
     if diverging:
-        limit = max(float(np.nanmax(np.abs(everything))), 1e-12)
+        limit = diverging_limit(everything)
+        if limit < float(np.nanmax(np.abs(everything))):
+            colorbar += f" (colours clipped at ±{limit:.3g})"
         norm, cmap = matplotlib.colors.Normalize(-limit, limit), matplotlib.colormaps["RdBu_r"]
     else:
         low, high = float(np.nanmin(everything)), float(np.nanmax(everything))
@@ -79,6 +83,16 @@ def heatmaps(
         figure.suptitle(title, fontsize=11)
     figure.savefig(path)
     return Path(path)
+
+
+def diverging_limit(values: np.ndarray, reach: float = 3.0) -> float:
+    """The colour limit of a diverging heatmap: the largest ``|value|``, unless that lies beyond
+    ``reach`` times the 90th percentile of ``|values|`` (a few outliers): then that multiple."""
+    magnitudes = np.abs(values[np.isfinite(values)])
+    if magnitudes.size == 0:
+        return 1e-12
+    largest, typical = float(magnitudes.max()), float(np.percentile(magnitudes, 90))
+    return max(min(largest, reach * typical) if typical > 0 else largest, 1e-12)
 
 
 def lines(

@@ -655,11 +655,12 @@ def write_steering(
     *,
     model: str,
     epsilon: float,
-    control_draws: int,
+    held_out: bool,
     isn_set: str = "frequent",
 ) -> Path:
     """The dose-response page: per scale, the verdict and the z-score matrix (steered x evaluated);
-    per steered category, the loss change on every category against scale."""
+    per steered category, the loss change on every category against scale. ``held_out``: whether
+    the loss was measured on instructions the snapshot that selected the ISNs never saw."""
     steered = list(dict.fromkeys(r["steered"] for r in rows))
     evaluated = list(dict.fromkeys(r["evaluated"] for r in rows))
     panels = {}
@@ -701,9 +702,15 @@ def write_steering(
         for name, path in figure_paths.items()
     )
     setting = (
-        f"<p>Model {html.escape(model)}; {ISN_SET_TEXT[isn_set]} at eps={epsilon:g}; the response loss on held-out instructions "
-        f"of every category; null: {control_draws} random-neuron sets of the same per-site sizes per steered "
-        "category, scaled alike. All rows, with their z-scores, are in dose_response.csv.</p>"
+        f"<p>Model {html.escape(model)}; {ISN_SET_TEXT[isn_set]} at eps={epsilon:g}; the response loss on "
+        + (
+            "held-out instructions (not used to select the ISNs)"
+            if held_out
+            else "instructions that include the probe set (too few unseen ones to hold out)"
+        )
+        + f" of every category; null: {next(iter(verdicts.values())).draws} random-neuron sets of the same "
+        "per-site sizes per steered category, scaled alike. All rows, with their z-scores, are in "
+        "dose_response.csv.</p>"
     )
     sections = [
         ("Verdict", [f'<ul class="findings">{verdict_items}</ul>']),

@@ -224,10 +224,16 @@ def write_ablation(
         out,
         model=model_spec["name_or_path"],
         epsilon=e.epsilon,
-        held_out=all(r["id"] not in set(snapshot.instruction_ids) for r in evaluated),
+        held_out=_unseen(evaluated, snapshot),
         isn_set=e.isn_set,
         total_neurons=_neuron_count(snapshot),
     )
+
+
+def _unseen(records: list[Record], snapshot: Snapshot) -> bool:
+    """Whether none of ``records`` was in the probe set the snapshot selected ISNs on."""
+    seen = set(snapshot.instruction_ids)
+    return all(r["id"] not in seen for r in records)
 
 
 def _neuron_count(snapshot: Snapshot) -> int:
@@ -263,7 +269,7 @@ def write_steering(
         out,
         model=model_spec["name_or_path"],
         epsilon=e.epsilon,
-        control_draws=e.control_draws,
+        held_out=_unseen(evaluated, snapshot),
         isn_set=e.isn_set,
     )
 
