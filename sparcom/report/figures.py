@@ -51,7 +51,7 @@ def heatmaps(
     if diverging:
         limit = diverging_limit(everything)
         if limit < float(np.nanmax(np.abs(everything))):
-            colorbar += f" (colours clipped at ±{limit:.3g})"
+            colorbar += f"\n(colours clipped at ±{limit:.3g})"
         norm, cmap = matplotlib.colors.Normalize(-limit, limit), matplotlib.colormaps["RdBu_r"]
     else:
         low, high = float(np.nanmin(everything)), float(np.nanmax(everything))
