@@ -178,9 +178,7 @@ def test_one_view_across_a_sweep(tmp_path):
         for epsilon in ("0.3", "0.5", "0.7"):  # every epsilon from the stored counts
             logged = result.final.isn_jaccard["base"][float(epsilon)]["math"]
             assert float(row[f"isn_jaccard_eps{epsilon}_math"]) == pytest.approx(logged)
-            low, high = json.loads(
-                row[f"isn_jaccard_eps{epsilon}_math_ci95"].replace("(", "[").replace(")", "]")
-            )
+            low, high = json.loads(row[f"isn_jaccard_eps{epsilon}_math_ci95"])
             assert low <= logged <= high
         change = result.final.held_out_loss["code"] - result.start.held_out_loss["code"]
         assert float(row["held_out_loss_change_code"]) == pytest.approx(change)

@@ -39,7 +39,7 @@ class Table:
         with open(folder / f"{self.name}.csv", "w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(self.header)
-            writer.writerows([["" if v is None else v for v in row] for row in self.rows])
+            writer.writerows([[_csv_cell(v) for v in row] for row in self.rows])
         lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in self.rows]
         (folder / f"{self.name}.md").write_text("\n".join(lines) + "\n")
@@ -51,6 +51,13 @@ class Table:
             for row in shown or self.rows
         )
         return f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def _csv_cell(value: object) -> object:
+    """A CSV cell: empty for None, an interval as JSON ``[lo, hi]`` at full precision."""
+    if value is None:
+        return ""
+    return json.dumps(list(value)) if isinstance(value, tuple) else value
 
 
 def cell(value: object) -> str:
