@@ -22,6 +22,9 @@ from pathlib import Path
 
 from scipy import stats
 
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # train.py, the entry point whose trainer every arm runs, is not in the package
+
 MODEL = "smollm2-135m-instruct"
 # Sparse selection, as NeFT-style tuning chooses: the top 1% of each layer's neurons per category
 # (the paper's threshold 0.5 selects over a quarter of a SiLU model's FFN, not a sparse subset).
