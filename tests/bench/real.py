@@ -47,13 +47,19 @@ def record(model, tokenizer, records) -> None:
 
 
 def peak_rss_child(per_category: int) -> None:
-    """In a fresh process: load the model, reset the high-water mark, record, print the peak (MB)."""
+    """In a fresh process: load the model, reset the high-water mark, record; prints the resident
+    size before recording and the peak while it ran (MB)."""
     model, tokenizer = load_model(PRESET)
     records = probe_set(load_records(), per_category)
+    before = _status_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
     record(model, tokenizer, records)
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-    print(int(line.split()[1]) / 1024)
+    print(before, _status_mb("VmHWM"))
+
+
+def _status_mb(field: str) -> float:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
 
 
 def snapshot_seconds(model, tokenizer, rounds: int) -> float:
@@ -124,8 +130,11 @@ def report(per_category: int, rounds: int) -> dict:
         text=True,
         check=True,
     )
-    peak = float(done.stdout.strip().splitlines()[-1])
-    print(f"  peak RSS while recording: {peak:.0f} MB, beside {size_mb:.0f} MB of weights")
+    before, peak = map(float, done.stdout.strip().splitlines()[-1].split())
+    print(
+        f"  peak RSS while recording: {peak:.0f} MB, beside {size_mb:.0f} MB of weights "
+        f"({before:.0f} MB before it: the process with the model loaded)"
+    )
     snapshot = snapshot_seconds(model, tokenizer, rounds)
     print(f"  one training-run snapshot at the defaults (probe + drift + held-out loss): {snapshot:.1f} s")
     without, with_ = [], []
@@ -140,6 +149,7 @@ def report(per_category: int, rounds: int) -> dict:
         "seconds": medians,
         "tokens": computed,
         "peak_rss_mb": peak,
+        "rss_before_mb": before,
         "weights_mb": size_mb,
         "snapshot_s": snapshot,
         "step_s": {"without": statistics.median(without), "with": statistics.median(with_)},
