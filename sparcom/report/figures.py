@@ -13,7 +13,7 @@ import matplotlib.colors
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
 
 
 def decimals(values: Sequence[float], significant: int = 3) -> int:
@@ -128,12 +128,30 @@ def lines(
             axes.set_ylim(*ylim)
         if x_scale == "log":
             axes.set_xscale("log")
+        if x_scale != "integer":
+            _settings_axis(axes, x)
     axes_list[0].set_ylabel(ylabel)
     axes_list[-1].legend(fontsize=8)
     if title:
         figure.suptitle(title, fontsize=11)
     figure.savefig(path)
     return Path(path)
+
+
+def _settings_axis(axes, x: Sequence[float]) -> None:
+    """An axis of setting values (epsilons, learning rates): with a few distinct values, a tick at
+    each, labelled as the tables write them (1.25e-04, 0.5); with many, at most 5 ticks. matplotlib's defaults
+    write 1.2e-4..2.7e-4 as eight run-together labels like 0.00012."""
+    values = sorted(set(float(v) for v in x))
+    compact = FuncFormatter(lambda v, _: f"{v:.3g}" if v == 0 or abs(v) >= 0.01 else f"{v:.2e}")
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    if len(values) <= 8:
+        axes.set_xticks(values)
+        if len(values) > 4:
+            axes.tick_params(axis="x", labelrotation=30)
+    else:
+        axes.xaxis.set_major_locator(MaxNLocator(5))
+    axes.xaxis.set_major_formatter(compact)
 
 
 def overlap_heatmap(matrix, categories: Sequence[str], title: str, path: str | Path) -> Path:
