@@ -122,13 +122,13 @@ def lines(
             axes.set_title(panel_title, fontsize=10)
         axes.set_xlabel(xlabel)
         axes.grid(alpha=0.3)
-        if x_scale == "integer":
-            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ylim:
             axes.set_ylim(*ylim)
-        if x_scale == "log":
-            axes.set_xscale("log")
-        if x_scale != "integer":
+        if x_scale == "integer":
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        else:
+            if x_scale == "log":
+                axes.set_xscale("log")
             _settings_axis(axes, x)
     axes_list[0].set_ylabel(ylabel)
     axes_list[-1].legend(fontsize=8)
@@ -140,8 +140,8 @@ def lines(
 
 def _settings_axis(axes, x: Sequence[float]) -> None:
     """An axis of setting values (epsilons, learning rates): with a few distinct values, a tick at
-    each, labelled as the tables write them (1.25e-04, 0.5); with many, at most 5 ticks. matplotlib's defaults
-    write 1.2e-4..2.7e-4 as eight run-together labels like 0.00012."""
+    each, with many at most 5; labels of 3 significant digits, values below 0.01 in the tables'
+    1.25e-04 form (matplotlib's defaults write 1.2e-4..2.7e-4 as eight run-together 0.00012...)."""
     values = sorted(set(float(v) for v in x))
     compact = FuncFormatter(lambda v, _: f"{v:.3g}" if v == 0 or abs(v) >= 0.01 else f"{v:.2e}")
     axes.xaxis.set_minor_formatter(NullFormatter())

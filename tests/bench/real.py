@@ -11,7 +11,6 @@ import sys
 import tempfile
 import time
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -25,7 +24,7 @@ from sparcom.recording.conversation import encode
 from sparcom.recording.probe import Recording, length_bucketed, pad_batch
 from sparcom.train.sft import probe_set, run_records
 
-from recording import ratio, side_by_side
+from recording import memory, ratio, reset_peak, side_by_side
 from training import timed_steps
 
 PRESET = "smollm2-135m-instruct"
@@ -51,15 +50,10 @@ def peak_rss_child(per_category: int) -> None:
     size before recording and the peak while it ran (MB)."""
     model, tokenizer = load_model(PRESET)
     records = probe_set(load_records(), per_category)
-    before = _status_mb("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")
+    before = memory("VmRSS")
+    reset_peak()
     record(model, tokenizer, records)
-    print(before, _status_mb("VmHWM"))
-
-
-def _status_mb(field: str) -> float:
-    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
+    print(before / 2**20, memory("VmHWM") / 2**20)
 
 
 def snapshot_seconds(model, tokenizer, rounds: int) -> float:

@@ -142,6 +142,18 @@ def peak_memory_mb(name: str, method: str, per_category: int) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
+
+
+def memory(field: str) -> int:
+    """Bytes of a /proc/self/status field: "VmRSS" (resident now) or "VmHWM" (the peak)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def peak_memory_child(name: str, method: str, per_category: int) -> None:
     """In a fresh process: build the model, then run one method and print the peak RSS (MB) while
     it ran. Linux lets the high-water mark be reset (``clear_refs``), so the tokenizer's training
@@ -149,17 +161,13 @@ def peak_memory_child(name: str, method: str, per_category: int) -> None:
     preset, overrides = MODELS[name]
     model, tokenizer = build_tiny(preset, **overrides)
     records = probe_records(per_category)
-    status = Path("/proc/self/status")
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        reset_peak()
+        linux = True
     except OSError:
-        status = None
+        linux = False
     METHODS[method](model, tokenizer, records)
-    if status is None:
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    else:
-        line = next(line for line in status.read_text().splitlines() if line.startswith("VmHWM:"))
-        print(int(line.split()[1]) / 1024)
+    print(memory("VmHWM") / 2**20 if linux else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 SYNCING = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "__index__")

@@ -30,6 +30,7 @@ from sparcom.stats.permutation import diagonal_dominance, token_control  # noqa:
 from sparcom.stats.resampling import paired_bootstrap, sampling_stability  # noqa: E402
 
 from helpers.synthetic import Population, assemble, draw, moe_sites  # noqa: E402 (path set above)
+from recording import memory, reset_peak  # noqa: E402
 
 EPSILONS = [0.3, 0.5, 0.7]  # conf/sparcom/default.yaml
 CATEGORIES = ["classification", "code", "general_qa", "generation", "math", "summarization"]
@@ -62,17 +63,6 @@ def snapshot_pair(shape: str, per_category: int):
         }
         pair.append(assemble(population, category_of, tokens, counts))
     return pair
-
-
-def reset_peak() -> None:
-    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
-
-
-def memory(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def measure(name: str, shape: str, per_category: int, mode: str) -> dict:
