@@ -49,7 +49,7 @@ class Neuron:
 
     def column(self, shape: tuple[int, ...]) -> int:
         """Its place among the site's neurons flattened (``[d_ff]``, or ``[num_experts * d_expert]``)."""
-        return self.index[0] if len(self.index) == 1 else self.index[0] * shape[1] + self.index[1]
+        return _column(self.index, shape)
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ def neuron_named(snapshot: Snapshot, spec: str) -> Neuron:
     """The neuron ``spec`` names (as ``parse_neuron`` reads it), with the category it is most frequent in."""
     site, index = parse_neuron(spec, {s: snapshot.site_shape(s) for s in _neuron_sites(snapshot)})
     shape = snapshot.site_shape(site)
-    column = index[0] if len(index) == 1 else index[0] * shape[1] + index[1]
+    column = _column(index, shape)
     frequency = _frequency(snapshot, site)
     row = int(frequency[:, column].argmax())
     gap = float(specificity(frequency[:, column : column + 1])[row, 0])
@@ -194,6 +194,11 @@ def _per_category(frequency: torch.Tensor, column: int, categories: list[str]) -
 def _index(snapshot: Snapshot, site: str, column: int) -> tuple[int, ...]:
     shape = snapshot.site_shape(site)
     return (column,) if len(shape) == 1 else divmod(column, shape[1])
+
+
+def _column(index: tuple[int, ...], shape: tuple[int, ...]) -> int:
+    """The inverse of ``_index``: ``(i,)`` or ``(expert, i)`` -> the column among the site's neurons flattened."""
+    return index[0] if len(index) == 1 else index[0] * shape[1] + index[1]
 
 
 # --------------------------------------------------------------------------- the streaming pass
