@@ -7,13 +7,13 @@ No forward pass: everything comes from the jobs' snapshots and drift records."""
 from __future__ import annotations
 
 import html
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from sparcom.errors import ConfigError
+from sparcom.stats.metrics import defined_mean
 from sparcom.stats.results import Estimate
 from sparcom.train.run_folder import CONFIG, flat
 
@@ -112,8 +112,7 @@ def sweep_jobs(folders: list[Path], epsilons: list[float], mode: str, statistics
         jaccard = {}
         for epsilon in epsilons:
             values = isn_alteration(base, tuned, epsilon, mode)
-            defined = [v for v in values.values() if v == v]
-            values["mean"] = sum(defined) / len(defined) if defined else math.nan
+            values["mean"] = defined_mean(values.values())
             jaccard[epsilon] = {
                 c: Estimate(v, ci95=boot.isn_jaccard[c][epsilon].ci95 if boot else None)
                 for c, v in values.items()

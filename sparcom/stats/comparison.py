@@ -14,7 +14,7 @@ import torch
 from sparcom.snapshot import Snapshot, check_comparable, instruction_order
 from sparcom.stats import analysis
 from sparcom.stats.estimates import phase_test
-from sparcom.stats.metrics import category_block_means
+from sparcom.stats.metrics import category_block_means, defined_mean
 from sparcom.stats.permutation import diagonal_dominance, token_control
 from sparcom.stats.resampling import half_sample_alteration, paired_bootstrap, sampling_stability
 from sparcom.stats.results import Estimate, Profile, Test, TokenControl
@@ -271,7 +271,10 @@ def compare(
     for epsilon in epsilons:
         values = {c: tallies[epsilon].jaccard(c) for c in categories}
         chances = {c: chance(epsilon, c) for c in categories}
-        values["mean"], chances["mean"] = _mean(list(values.values())), _mean(list(chances.values()))
+        values["mean"], chances["mean"] = (
+            defined_mean(list(values.values())),
+            defined_mean(list(chances.values())),
+        )
         for c in every:
             isn_jaccard[c][epsilon] = Estimate(
                 values[c],
@@ -284,7 +287,7 @@ def compare(
     pearson = analysis.ise_alteration(base, tuned)
     ise_pearson = None
     if pearson:
-        pearson["mean"] = _mean(list(pearson.values()))
+        pearson["mean"] = defined_mean(list(pearson.values()))
         ise_pearson = {
             c: Estimate(v, ci95=boot.ise_pearson[c].ci95 if boot else None) for c, v in pearson.items()
         }
@@ -329,7 +332,7 @@ def compare(
         isn_jaccard=isn_jaccard,
         ise_pearson=ise_pearson,
         sweep=sweep,
-        sweep_chance=[_mean([chance(e, c) for c in categories]) for e in sweep_epsilons],
+        sweep_chance=[defined_mean([chance(e, c) for c in categories]) for e in sweep_epsilons],
         isn_counts={
             side: {c: (focus.count(c, index), focus.unique_count(c, index)) for c in categories}
             for index, side in enumerate(SIDES)
@@ -405,7 +408,7 @@ def _stability(stability: dict | None, side: str, category: str, epsilon: float)
         return None
     by_category = stability[side]
     if category == "mean":
-        return _mean([by_category[c][epsilon] for c in by_category])
+        return defined_mean([by_category[c][epsilon] for c in by_category])
     return by_category[category][epsilon]
 
 
@@ -416,9 +419,3 @@ def _profile(counts: list[int], test: Profile | None) -> Profile:
     if test is None:
         return phase_test(torch.tensor([counts]))
     return replace(test, counts=counts)
-
-
-def _mean(values: Sequence[float]) -> float:
-    """The mean of the defined values (a Jaccard of two empty sets is nan, and left out)."""
-    defined = [v for v in values if v == v]
-    return sum(defined) / len(defined) if defined else float("nan")

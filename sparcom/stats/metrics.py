@@ -4,7 +4,7 @@ no I/O, no hooks (``sparcom.stats.analysis`` applies them to snapshots, site by 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -20,6 +20,13 @@ def jaccard_ratio(intersection, size_a, size_b) -> torch.Tensor:
     )
     union = size_a + size_b - intersection
     return torch.where(union > 0, intersection / union.clamp(min=1), torch.nan)
+
+
+def defined_mean(values: Iterable[float]) -> float:
+    """The mean of the defined values, nan when none is: a Jaccard of two empty sets is nan
+    (``jaccard_ratio``) and is left out of a mean over categories rather than making it nan."""
+    defined = [v for v in values if v == v]
+    return sum(defined) / len(defined) if defined else float("nan")
 
 
 def jaccard(a: NeuronSet, b: NeuronSet) -> float:

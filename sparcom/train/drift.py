@@ -10,6 +10,7 @@ from pathlib import Path
 
 from sparcom.snapshot import Snapshot
 from sparcom.stats.analysis import category_tallies, ise_alteration
+from sparcom.stats.metrics import defined_mean
 
 REFERENCES = ("base", "prev")  # against the vanilla model, against the previous snapshot
 
@@ -131,9 +132,7 @@ TABLE_COLUMNS = [
 
 def _with_mean(prefix: str, values: dict[str, float]) -> dict[str, float]:
     """Each category's value and their mean (over the defined ones: nan marks an undefined Jaccard)."""
-    defined = [v for v in values.values() if v == v]
-    mean = sum(defined) / len(defined) if defined else float("nan")
-    return {f"{prefix}/{c}": v for c, v in values.items()} | {f"{prefix}/mean": mean}
+    return {f"{prefix}/{c}": v for c, v in values.items()} | {f"{prefix}/mean": defined_mean(values.values())}
 
 
 def drift_point(
